@@ -192,8 +192,8 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 
     path = Path(path)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    with atomic_write(path, mode="w") as fh:
-        fh.write(text)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
