@@ -1,0 +1,1 @@
+"""Differentiable rendering: 3D Gaussians, radiance fields, conditioning images."""
