@@ -6,7 +6,6 @@ import sys
 from collections.abc import Sequence
 
 from avatar_core.cli import make_parser, run
-
 from gaussianip import __doc__ as DESCRIPTION
 from gaussianip import __version__
 

@@ -6,7 +6,6 @@ import sys
 from collections.abc import Sequence
 
 from avatar_core.cli import make_parser, run
-
 from rodinhd import __doc__ as DESCRIPTION
 from rodinhd import __version__
 

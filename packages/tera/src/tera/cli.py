@@ -6,7 +6,6 @@ import sys
 from collections.abc import Sequence
 
 from avatar_core.cli import make_parser, run
-
 from tera import __doc__ as DESCRIPTION
 from tera import __version__
 
