@@ -11,7 +11,7 @@ from nerfacc.volrend import render_weight_from_density
 from avatar_core.cameras import orbit_cameras
 from avatar_core.render.occupancy import OccupancyGrid, fill_occupancy_grid, occupancy_estimator
 from avatar_core.render.rays import generate_rays
-from avatar_core.render.volume import render_rays, render_weights, sample_triplane
+from avatar_core.render.volume import packed_exclusive_sum, render_rays, render_weights, sample_triplane
 
 
 def test_constant_density_slab_matches_closed_form():
@@ -60,6 +60,15 @@ def test_packed_weights_equal_nerfacc_batched_with_gradients():
     loss = (w * torch.linspace(0, 1, S, dtype=torch.float64).expand(len(counts), S)[valid]).sum() + tr.sum()
     (g_packed,) = torch.autograd.grad(loss, sig_packed)
     torch.testing.assert_close(g_packed, g_ref[valid])
+
+
+def test_packed_scan_keeps_small_rays_exact_after_a_huge_one():
+    """A ray's optical depth must not be rounded against the optical depths of the rays before it."""
+    ray_indices = torch.tensor([0, 0, 0, 1, 1, 1])
+    values = torch.tensor([1e12, 1e12, 1e12, 1e-3, 2e-3, 3e-3])
+    excl = packed_exclusive_sum(values, ray_indices)
+    torch.testing.assert_close(excl[3:], torch.tensor([0.0, 1e-3, 3e-3]))
+    torch.testing.assert_close(excl[:3], torch.tensor([0.0, 1e12, 2e12]))
 
 
 @pytest.mark.parametrize("align_corners", [False, True])

@@ -53,18 +53,20 @@ def packed_exclusive_sum(
 ) -> Tensor:  # [S]
     """Per-ray exclusive prefix sum of packed samples (differentiable).
 
-    One global cumulative sum minus its value at each ray's first sample; accumulated in float64 so that the
-    subtraction does not lose the small per-ray sums to rounding against the running total of all rays.
+    The samples are laid out as a padded ``[rays, longest ray]`` matrix and summed along each row, so a ray's
+    sum never passes through the running total of the rays before it (a single global cumulative sum minus
+    per-ray offsets loses a ray's small optical depths next to a huge one earlier in the batch).
     """
     if values.numel() == 0:
         return values.clone()
-    cs = torch.cumsum(values.double(), dim=0)
-    excl = cs - values.double()
     first = torch.ones_like(ray_indices, dtype=torch.bool)
     first[1:] = ray_indices[1:] != ray_indices[:-1]
     pos = torch.arange(values.shape[0], device=values.device)
     start = torch.cummax(torch.where(first, pos, torch.zeros_like(pos)), dim=0).values
-    return (excl - excl[start]).to(values.dtype)
+    row = torch.cumsum(first.long(), dim=0) - 1
+    col = pos - start
+    padded = values.new_zeros(int(row[-1]) + 1, int(col.max()) + 1).index_put((row, col), values)
+    return (torch.cumsum(padded, dim=1) - padded)[row, col]
 
 
 def render_weights(
