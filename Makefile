@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 PACKAGES := tera gaussianip rodinhd gas
 SETUP_INPUTS := Makefile pyproject.toml shared/avatar_core/pyproject.toml $(foreach p,$(PACKAGES),packages/$(p)/pyproject.toml)
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n auto --dist loadfile
 CONFIG ?= tiny
 
 export HF_HUB_OFFLINE := 1
