@@ -57,7 +57,26 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, _sub = make_parser("avatar-core", "Kernel utilities of the avatar toolkit.", __version__)
+    parser, sub = make_parser("avatar-core", "Kernel utilities of the avatar toolkit.", __version__)
+    make = sub.add_parser("make-dataset", help="write the synthetic avatar dataset (renders, textures, captions)")
+    make.add_argument("--out", required=True, help="output folder (created; a rerun with the same settings resumes)")
+    make.add_argument("--num", type=int, default=100, help="number of avatars")
+    make.add_argument("--views", type=int, default=36, help="calibrated views per avatar, on an orbit from the front")
+    make.add_argument("--res", type=int, default=256, help="render and portrait resolution in pixels")
+    make.add_argument("--seed", type=int, default=0, help="avatar i depends on (seed, i) only")
+    make.add_argument("--body", default="anny", help="body model (anny)")
+    make.add_argument("--uv-res", type=int, default=512, help="UV texture resolution")
+    make.add_argument("--overwrite", action="store_true", help="delete an existing dataset in --out and start again")
+
+    def _make_dataset(args: argparse.Namespace) -> int:
+        from avatar_core.data.generate import generate_dataset
+
+        out = generate_dataset(args.out, num=args.num, views=args.views, res=args.res, seed=args.seed,
+                               body=args.body, overwrite=args.overwrite, uv_res=args.uv_res)
+        print(f"dataset written to {out} (contact sheet: {out / 'contact_sheet.png'})")
+        return 0
+
+    make.set_defaults(func=_make_dataset)
     return run(parser, argv)
 
 
