@@ -1,9 +1,9 @@
 """Repository-wide test set-up.
 
-Under pytest-xdist each worker runs on one core with one torch thread (two workers on two cores beat one
-process whose two threads fight over the cores). Before workers start, the controller builds what every
-worker would otherwise build at the same moment: the Anny body's Warp kernels (about a minute, once per
-machine) and the CPU rasterizer's compiled kernel.
+Tests run with one torch thread: the models are tiny, and two intra-op threads on a busy two-core machine
+spin against each other (measured 5-10x slower). `make test` runs one pytest-xdist worker per core instead.
+Before workers start, the controller builds what every worker would otherwise build at the same moment: the
+Anny body's Warp kernels (about a minute, once per machine) and the CPU rasterizer's compiled kernel.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 
 
 def pytest_configure(config):
+    torch.set_num_threads(1)
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        torch.set_num_threads(1)
         return
     if getattr(config.option, "numprocesses", None):
         from avatar_core.body import load_body_model

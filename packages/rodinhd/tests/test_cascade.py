@@ -39,14 +39,6 @@ S = 8  # low-res plane side
 P = 32  # portrait side
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _base(tokenizer=True, num_steps=1000):
     torch.manual_seed(0)
     tok = PortraitTokenizer((8, 16, 32), (4, 2, 1), 16, portrait_size=P) if tokenizer else None

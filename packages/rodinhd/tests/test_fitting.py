@@ -24,15 +24,6 @@ from rodinhd.triplane import TriplaneStore, init_triplane
 C, R = 4, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids oversubscription on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _known_views(num_avatars: int, size: int = 16, views: int = 4):
     """RGBA views of random ground-truth triplanes rendered by a random decoder with high-contrast colour."""
     torch.manual_seed(123)

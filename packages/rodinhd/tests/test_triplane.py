@@ -11,15 +11,6 @@ from rodinhd.renderer import TriplaneField, build_occupancy_grid, render_views
 from rodinhd.triplane import TriplaneStore, init_triplane, rollout, unroll
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids oversubscription on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_rollout_round_trip_and_layout():
     planes = torch.randn(2, 3, 5, 6, 7)  # [B, 3, C, H, W]
     rolled = rollout(planes)

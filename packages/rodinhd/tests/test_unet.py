@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from rodinhd.unet import (
@@ -15,15 +14,6 @@ from rodinhd.unet import (
     planes_to_rollout,
     rollout_to_planes,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine run ~10x faster without intra-op threading.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _planes(out):  # [1, C, H, 3W] -> xy, xz, yz each [C, H, W]

@@ -24,15 +24,6 @@ from tera.uv_gaussians import ATTRIBUTE_SLICES, UVDecoder, UVGaussianAvatar, att
 R = 16  # teacher feature / attribute map resolution in these tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other and run 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def scene():
     """A small avatar and ground-truth RGBA views of a part-coloured body rendered by the kernel."""

@@ -14,14 +14,6 @@ from tera.text import TextCondition
 L, D = 12, 384
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _text(batch: int, seed: int) -> TextCondition:
     g = torch.Generator().manual_seed(seed)
     return TextCondition(torch.randn(batch, L, D, generator=g), torch.ones(batch, L, dtype=torch.bool))

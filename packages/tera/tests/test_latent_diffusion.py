@@ -18,15 +18,6 @@ from tera.text import TextCondition, TextConditioner
 L, D = 12, 384  # token length and width of the synthetic text conditions (MiniLM's width)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny UNet is ~10x faster on one thread than on two contended ones.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _text(batch: int, seed: int) -> TextCondition:
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, L, dtype=torch.bool)
