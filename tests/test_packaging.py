@@ -40,8 +40,9 @@ def test_unknown_command_fails_cleanly():
 
 
 @pytest.mark.slow
-def test_package_installs_alone_from_another_directory(tmp_path):
-    """`pip install -e packages/rodinhd` in a new environment, run from outside the repository.
+@pytest.mark.parametrize("name", PACKAGES)
+def test_package_installs_alone_from_another_directory(tmp_path, name):
+    """`pip install -e packages/NAME` in a new environment, run from outside the repository.
 
     The new environment sees this one's site-packages through a .pth file, so third-party dependencies count as
     installed and nothing is downloaded; the kernel, a direct path dependency, is built into the new environment.
@@ -52,14 +53,14 @@ def test_package_installs_alone_from_another_directory(tmp_path):
     (new_site / "parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    target = ROOT / "packages" / "rodinhd"
+    target = ROOT / "packages" / name
     proc = subprocess.run(
         [venv / "bin" / "python", "-m", "pip", "install", "--no-build-isolation", "--no-index", "-e", str(target)],
         cwd=tmp_path, capture_output=True, text=True, env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     installed = sorted(p.name for p in new_site.iterdir())
-    assert any(n.startswith("rodinhd") for n in installed), installed
+    assert any(n.startswith(name) for n in installed), installed
     assert any(n.startswith("avatar_core") for n in installed), installed
-    run = subprocess.run([venv / "bin" / "rodinhd", "info"], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert run.returncode == 0 and "rodinhd 0.1.0" in run.stdout, run.stderr
+    run = subprocess.run([venv / "bin" / name, "info"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0 and f"{name} 0.1.0" in run.stdout, run.stderr
