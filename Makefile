@@ -12,7 +12,7 @@ CONFIG ?= tiny
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test demo bench lint train-rodinhd clean
+.PHONY: setup test demo bench lint train-rodinhd train-tera clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,14 @@ lint: setup
 train-rodinhd: setup
 	@echo "train-rodinhd: the RodinHD package has not landed yet; this target is wired by its issue." >&2
 	@exit 2
+
+# TeRA's tiny pipeline on the synthetic dataset (CONFIG=paper for the paper's settings and your own data).
+train-tera: setup
+	$(BIN)/avatar-core make-dataset --out outputs/tera/dataset --num 16 --views 8 --res 64 --uv-res 128 --seed 0
+	$(BIN)/tera fit-teacher --config packages/tera/configs/$(CONFIG).yaml
+	$(BIN)/tera distill --config packages/tera/configs/$(CONFIG).yaml
+	$(BIN)/tera train --config packages/tera/configs/$(CONFIG).yaml
+	$(BIN)/tera generate --config packages/tera/configs/$(CONFIG).yaml "a woman in a red dress"
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

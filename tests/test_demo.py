@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_writes_viewable_results(tmp_path):
     out = tmp_path / "demo"
     subprocess.run([sys.executable, ROOT / "tools" / "demo.py", "--out", out, "--uv-res", "64", "--size", "64",
-                    "--frames", "4"], check=True, capture_output=True, text=True)
+                    "--frames", "4", "--parts", "kernel"], check=True, capture_output=True, text=True)
     summary = json.loads((out / "summary.json").read_text())
     n = int(summary["kernel"]["gaussians"])
     assert n > 1000
