@@ -3,7 +3,9 @@
 Kernel part: the Anny body as a UV-structured 3D Gaussian avatar (one Gaussian per texel of its UV
 map, coloured by body part), rendered by the kernel's rasterizer as a turntable video, exported as a 3DGS PLY
 that splat viewers open, and animated by skinning. TeRA part: a tiny text-to-avatar model trained on a few
-synthetic avatars, three generations from prompts, one try-on edit and one animation (under ``tera/``).
+synthetic avatars, three generations from prompts, one try-on edit and one animation (under ``tera/``). RodinHD
+part: triplanes fitted to a few synthetic avatars, a tiny base + upsample cascade, and one avatar sampled from a
+held-out portrait with its turntable (under ``rodinhd/``).
 
 Everything goes to ``--out``: ``environment.txt``, ``body_turntable.mp4``, ``body_views.png``,
 ``body_avatar.ply``, ``body_animation.mp4`` and ``summary.json``.
@@ -99,7 +101,7 @@ def main() -> int:
     parser.add_argument("--uv-res", type=int, default=256, help="UV resolution: one Gaussian per valid texel")
     parser.add_argument("--size", type=int, default=256, help="rendered image size in pixels")
     parser.add_argument("--frames", type=int, default=24)
-    parser.add_argument("--parts", default="kernel,tera", help="comma-separated parts to run (kernel, tera)")
+    parser.add_argument("--parts", default="kernel,tera,rodinhd", help="comma-separated parts (kernel, tera, rodinhd)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -111,9 +113,9 @@ def main() -> int:
     summary["environment"] = str(args.out / "environment.txt")
 
     parts = set(args.parts.split(","))
-    unknown = parts - {"kernel", "tera"}
+    unknown = parts - {"kernel", "tera", "rodinhd"}
     if unknown:
-        parser.error(f"unknown demo parts {sorted(unknown)}; choose from kernel, tera")
+        parser.error(f"unknown demo parts {sorted(unknown)}; choose from kernel, tera, rodinhd")
     if "kernel" in parts:
         t = time.time()
         summary["kernel"] = kernel_demo(args.out, args.uv_res, args.size, args.frames)
@@ -126,6 +128,14 @@ def main() -> int:
         summary["tera"] = tera_demo(args.out / "tera")
         print(f"tera: tiny text-to-avatar model trained, 3 prompts generated, one try-on edit, one animation "
               f"in {time.time() - t:.1f} s ({args.out / 'tera'})")
+
+    if "rodinhd" in parts:
+        from rodinhd.pipeline import demo_part as rodinhd_demo
+
+        t = time.time()
+        summary["rodinhd"] = rodinhd_demo(args.out / "rodinhd")
+        print(f"rodinhd: triplanes fitted, tiny cascade trained, one avatar sampled from a portrait with a turntable "
+              f"in {time.time() - t:.1f} s ({args.out / 'rodinhd'})")
 
     summary["seconds"] = round(time.time() - t0, 2)
     save_json(args.out / "summary.json", summary)

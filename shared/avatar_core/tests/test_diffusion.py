@@ -273,3 +273,15 @@ def test_inpaint_merge_keeps_known_region():
     t = torch.tensor([500, 20])
     merged = inpaint_merge(x_gen, x0_known, mask, t, noise, ac)
     torch.testing.assert_close(merged[keep], q_sample(x0_known, t, noise, ac)[keep])
+
+
+def test_one_step_chain_lands_on_the_prediction():
+    """A respaced chain of one step (t = 0 only) must return the predicted clean sample, with no noise."""
+    from avatar_core.diffusion.samplers import ddpm_step, respace, space_timesteps
+
+    ac = get_schedule("rodin_cosine_light").alphas_cumprod(1000)
+    chain = respace(ac, space_timesteps(1000, [1]))
+    x0, x_t, noise = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0))
+    for variance in ("fixed_small", "fixed_large"):
+        out = ddpm_step(x0, x_t, torch.zeros(2, dtype=torch.long), chain.alphas_cumprod, noise, variance_type=variance)
+        torch.testing.assert_close(out, x0)

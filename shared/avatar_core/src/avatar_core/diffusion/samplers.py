@@ -33,9 +33,13 @@ def _posterior_variance(t: int | Tensor, alphas_cumprod: Tensor) -> tuple[Tensor
     """Posterior variance beta_t (1 - abar_{t-1}) / (1 - abar_t) and its log clipped at t = 0, float64."""
     ab_t, ab_prev, beta = _step_terms(t, alphas_cumprod)
     variance = beta * (1.0 - ab_prev) / (1.0 - ab_t)
-    # The variance is 0 at t = 0; improved-diffusion logs the t = 1 value there instead.
-    ab_1, ab_0, beta_1 = _step_terms(1, alphas_cumprod)
-    var_1 = beta_1 * (1.0 - ab_0) / (1.0 - ab_1)
+    # The variance is 0 at t = 0; improved-diffusion logs the t = 1 value there instead. A one-step chain has
+    # no t = 1: its log-variance at t = 0 is never used to add noise, so beta_0 stands in.
+    if alphas_cumprod.shape[0] >= 2:
+        ab_1, ab_0, beta_1 = _step_terms(1, alphas_cumprod)
+        var_1 = beta_1 * (1.0 - ab_0) / (1.0 - ab_1)
+    else:
+        var_1 = 1.0 - alpha_bar_at(0, alphas_cumprod)
     idx = torch.as_tensor(t, device=variance.device)
     return variance, torch.log(torch.where(idx > 0, variance, var_1))
 
@@ -44,7 +48,7 @@ def posterior_mean_variance(
     x0: Tensor,  # [B, ...] predicted (or true) clean sample
     x_t: Tensor,  # [B, ...]
     t: int | Tensor,  # scalar or [B]
-    alphas_cumprod: Tensor,  # [T], T >= 2
+    alphas_cumprod: Tensor,  # [T]
 ) -> tuple[Tensor, Tensor, Tensor]:  # mean [B, ...], variance and clipped log-variance (t's shape, float64)
     """Mean and variance of q(x_{t-1} | x_t, x0) (Ho et al. 2020, Eqs. 6-7).
 

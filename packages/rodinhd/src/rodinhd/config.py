@@ -1,0 +1,356 @@
+"""Typed settings of every RodinHD stage, read by :func:`load_rodinhd_config` from YAML plus ``key=value`` overrides.
+
+The schema is the dataclass tree below; ``configs/paper.yaml`` fills it with the paper's numbers (Sec. 4.1,
+App. A, Table 5) and ``configs/tiny.yaml`` with a scale that runs end to end on a laptop CPU. Unknown keys are
+rejected with the nearest valid ones (:func:`avatar_core.config.load_config`). The modules of the package take
+plain arguments; :mod:`rodinhd.pipeline` maps these configs onto them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avatar_core.config import load_config
+from avatar_core.errors import MissingFileError
+
+__all__ = [
+    "CONFIG_DIR",
+    "DataConfig",
+    "TriplaneConfig",
+    "DecoderConfig",
+    "Stage1Config",
+    "Stage2Config",
+    "RenderConfig",
+    "ConditioningConfig",
+    "UNetConfig",
+    "LoopConfig",
+    "BaseConfig",
+    "UpsampleConfig",
+    "SampleConfig",
+    "EvalConfig",
+    "AblationConfig",
+    "RodinHDConfig",
+    "config_path",
+    "load_rodinhd_config",
+]
+
+#: The package's shipped configs (``tiny.yaml``, ``paper.yaml``): inside the package in a wheel, beside ``src/`` in a
+#: checkout or an editable install.
+CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parents[2] / "configs")
+                   if d.is_dir()), Path(__file__).resolve().parents[2] / "configs")
+
+
+@dataclass
+class DataConfig:
+    """The synthetic avatar dataset (``avatar-core make-dataset``) or any folder in its format."""
+
+    root: str = ""
+    """Dataset folder; empty means ``<out>/data`` (written by ``train-all`` when missing)."""
+    num_avatars: int = 8
+    """Avatars to generate; the last ``held_out`` are kept out of fitting and training."""
+    views: int = 36
+    """Views per avatar on an orbit (fitting targets)."""
+    res: int = 256
+    """Render and portrait resolution in pixels."""
+    uv_res: int = 512
+    """UV texture resolution of the generator."""
+    seed: int = 0
+    held_out: int = 1
+    """Avatars reserved for sampling from an unseen portrait and for generation metrics."""
+
+
+@dataclass
+class TriplaneConfig:
+    """The triplane avatar (Sec. 3.1): 3 planes of ``resolution^2 x channels`` covering ``center +- bound``."""
+
+    channels: int = 32
+    resolution: int = 512
+    bound: float = 1.0
+    """Half side of the world cube the planes span (metres; the dataset's bodies are centred, ~1.8 m tall)."""
+    center: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+
+
+@dataclass
+class DecoderConfig:
+    """The shared MLP decoder (:class:`rodinhd.decoder.TriplaneDecoder`)."""
+
+    reduce: str = "sum"
+    hidden_dim: int = 64
+    geo_feat_dim: int = 15
+    density_layers: int = 2
+    color_layers: int = 2
+    density_activation: str = "exp"
+    density_bias: float = 0.0
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1, Algorithm 1: task replay + IWC on a subset (:func:`rodinhd.fitting.fit_shared`)."""
+
+    num_avatars: int = 64
+    """Avatars fitted jointly with the decoder (paper 64; the authors' code 256); 0 means all training avatars."""
+    outer_loops: int = 30
+    inner_iterations: int = 5000
+    rays_per_step: int = 8192
+    num_samples: int = 1024
+    triplane_lr: float = 2e-2
+    triplane_lr_loop_decay: float = 10.0
+    decoder_lr: float = 2e-3
+    decoder_lr_decay_visits: float = 50.0
+    tv_weight: float = 2e-4
+    l2_weight: float = 0.0
+    l1_weight: float = 1e-6
+    weight_decay: float = 0.0
+    iwc_weight: float = 0.1
+    iwc_half: bool = True
+    iwc_normalize: bool = False
+    occupancy: bool = True
+    grid_resolution: int = 128
+    grid_update_every: int = 16
+    init_std: float = 0.1
+    shuffle: bool = False
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: frozen decoder, every avatar fitted on its own, sharded by rank (:func:`rodinhd.fitting.fit_triplanes`)."""
+
+    iterations: int = 25000
+    rays_per_step: int = 8192
+    num_samples: int = 1024
+    triplane_lr: float = 2e-2
+    tv_weight: float = 2e-4
+    l2_weight: float = 0.0
+    l1_weight: float = 1e-6
+    occupancy: bool = True
+    grid_resolution: int = 128
+    grid_update_every: int = 16
+    init_std: float = 0.1
+    init_from_stage1: bool = True
+    """Start a stage-1 avatar from its stage-1 triplane (the others start from noise)."""
+
+
+@dataclass
+class RenderConfig:
+    """Rendering of full views (:func:`rodinhd.renderer.render_views`)."""
+
+    num_samples: int = 512
+    """Marching steps across the cube's diagonal."""
+    occupancy: bool = True
+    grid_resolution: int = 128
+    grid_updates: int = 16
+    """Occupancy-grid updates from zero for a generated triplane (App. A: 16)."""
+    background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    early_stop_eps: float = 1e-4
+    chunk: int = 32768
+
+
+@dataclass
+class ConditioningConfig:
+    """Portrait features (Sec. 3.2, Eqs. 7-8): a pretrained SD/SDXL VAE from a local folder or the embedded VAE."""
+
+    vae_path: str = ""
+    """Local SD/SDXL ``AutoencoderKL`` folder (paper: SDXL VAE); empty trains the package's small VAE."""
+    portrait_size: int = 256
+    kernel_sizes: list[int] = field(default_factory=lambda: [16, 8, 4])
+    """Patch kernels (= strides) per scale H/2, H/4, H/8."""
+    token_dim: int = 512
+    vae_base_channels: int = 32
+    vae_latent_channels: int = 4
+    vae_steps: int = 2000
+    vae_batch_size: int = 8
+    vae_lr: float = 2e-4
+    vae_kl_weight: float = 1e-4
+
+
+@dataclass
+class UNetConfig:
+    """:class:`rodinhd.unet.TriplaneUNet` settings (App. A; the image size and channels come from the triplanes)."""
+
+    model_channels: int = 192
+    channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 3, 4])
+    num_res_blocks: list[int] = field(default_factory=lambda: [3, 3, 3, 3, 3])
+    attention_resolutions: list[int] = field(default_factory=lambda: [32, 16, 8])
+    cross_attn_resolutions: list[int] = field(default_factory=lambda: [32, 16, 8])
+    middle_cross_attn: bool = True
+    conv3d_resolutions: list[int] = field(default_factory=lambda: [128])
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = True
+    num_heads: int = 4
+    num_head_channels: int = 64
+    attention_pool: bool = True
+    resblock_updown: bool = True
+    fold_planes: bool = False
+    emb_channels: int = 768
+
+
+@dataclass
+class LoopConfig:
+    """Optimiser and training-loop settings of one diffusion model (mapped onto avatar_core.train.TrainConfig)."""
+
+    max_steps: int = 100000
+    batch_size: int = 96
+    optimizer: str = "adamw"
+    """"adamw" (paper, base) or "adam" (paper, upsampler)."""
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    ema_decay: float | None = 0.9999
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    checkpoint_every: int = 5000
+    keep_last_checkpoints: int | None = 3
+    log_every: int = 100
+    progress_bar: bool = True
+
+
+@dataclass
+class BaseConfig:
+    """The base model (Sec. 3.2, Eq. 4): portrait -> low-res triplane."""
+
+    resolution: int = 128
+    """Plane side of the low-res triplanes (fitted triplanes are area-downsampled to it)."""
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    context_resolutions: list[int] = field(default_factory=lambda: [32, 16, 8])
+    num_steps: int = 1000
+    schedule: str = "rodin_cosine_light"
+    vlb_weight: float = 1e-3
+    cond_drop_prob: float = 0.2
+    guidance_scale: float = 1.3
+    sample_steps: int = 10
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+
+def _upsample_unet() -> UNetConfig:
+    return UNetConfig(model_channels=128, channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 6], attention_resolutions=[],
+                      cross_attn_resolutions=[], middle_cross_attn=True, conv3d_resolutions=[512, 256, 128],
+                      use_scale_shift_norm=False, emb_channels=512)
+
+
+def _upsample_loop() -> LoopConfig:
+    return LoopConfig(batch_size=32, optimizer="adam")
+
+
+@dataclass
+class UpsampleConfig:
+    """The upsample model (Sec. 3.2, Eqs. 5-6): low-res + portrait -> triplane at ``triplane.resolution``."""
+
+    unet: UNetConfig = field(default_factory=_upsample_unet)
+    context_resolutions: list[int] = field(default_factory=lambda: [128])
+    feature_scales: list[int] = field(default_factory=lambda: [0])
+    """Which portrait scales the upsampler reads (0 = H/2: 128^2 at 256^2 portraits)."""
+    num_steps: int = 100
+    schedule: str = "rodin_sigmoid"
+    cond_drop_prob: float = 0.2
+    guidance_scale: float = 1.3
+    sample_steps: int = 10
+    variance_type: str = "fixed_large"
+    aug_schedule: str = "cosine"
+    aug_max_train: float = 0.3
+    aug_sample: float = 0.1
+    patch_size: int = 64
+    image_loss_weight: float = 1.0
+    perceptual_weight: float = 0.5
+    render_num_samples: int = 128
+    """Marching steps for the image-level loss's patches."""
+    vgg_path: str = ""
+    """torchvision VGG-16 weights file for the perceptual term; empty uses the embedded structural loss."""
+    lpips_path: str = ""
+    """LPIPS ``vgg.pth`` linear heads (with ``vgg_path``): the term becomes LPIPS."""
+    train: LoopConfig = field(default_factory=_upsample_loop)
+
+
+@dataclass
+class SampleConfig:
+    """Sampling and outputs: portrait -> base -> upsample -> triplane -> 360-degree renders."""
+
+    num_views: int = 36
+    view_res: int = 512
+    turntable_frames: int = 72
+    turntable_res: int = 512
+    fps: float = 24.0
+    radius: float = 2.8
+    elevation: float = 0.0
+    fov_deg: float = 40.0
+    base_steps: int = 10
+    upsample_steps: int = 10
+    guidance_scale: float = 1.3
+    seed: int = 0
+    use_ema: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """``rodinhd evaluate``: fitting and generation metrics and the 3D-consistency refit."""
+
+    num_avatars: int = 8
+    """Avatars scored for fitting (first N training avatars) and for generation (held-out first)."""
+    refit_views: int = 36
+    refit_res: int = 256
+    refit_iterations: int = 2000
+    refit_rays_per_step: int = 4096
+    lpips_path: str = ""
+    """LPIPS weights (``vgg.pth``) plus VGG-16 (``vgg_path``) for LPIPS; empty: LPIPS is not reported."""
+    vgg_path: str = ""
+
+
+@dataclass
+class AblationConfig:
+    """``rodinhd ablate-fitting``: the rows of Table 4(a) on a small set with equal total iterations."""
+
+    num_avatars: int = 8
+    total_iterations: int = 240000
+    outer_loops: int = 30
+    earliest: int = 2
+    channels: int = 8
+    resolution: int = 32
+    rows: list[str] = field(default_factory=lambda: ["naive", "+ task replay", "+ weight decay", "+ consolidation"])
+    rays_per_step: int = 1024
+    num_samples: int = 128
+    occupancy: bool = False
+    eval_num_samples: int = 128
+
+
+@dataclass
+class RodinHDConfig:
+    """Every RodinHD setting, one section per stage."""
+
+    name: str = "rodinhd"
+    seed: int = 0
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu" or "cuda[:N]"."""
+    data: DataConfig = field(default_factory=DataConfig)
+    triplane: TriplaneConfig = field(default_factory=TriplaneConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    upsample: UpsampleConfig = field(default_factory=UpsampleConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+
+
+def config_path(name_or_path: str | os.PathLike | None) -> Path:
+    """A config file: a path, or the name of a shipped one (``tiny``, ``paper``, with or without ``.yaml``)."""
+    if name_or_path is None or str(name_or_path) == "":
+        name_or_path = "tiny"
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+    if p.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise MissingFileError(f"config file not found: {name_or_path}",
+                           f"pass a YAML path or one of the shipped configs in {CONFIG_DIR}: "
+                           f"{', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml'))) or 'none found'}")
+
+
+def load_rodinhd_config(config: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """The full config: schema defaults <- ``config`` (a path or ``tiny``/``paper``) <- ``key=value`` overrides."""
+    return load_config(RodinHDConfig, config_path(config), list(overrides))
