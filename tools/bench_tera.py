@@ -9,6 +9,9 @@ Paper scale: FLOPs of one generation counted by torch's FlopCounterMode on meta 
 the UNet of configs/paper.yaml (32 x 256 x 256 latent, CLIP 77 x 768 context) x 2 (CFG) x 100 steps, plus the
 distillation decoder 256 -> 1024. The implied RTX 3090 time divides by its peak (35.6 TFLOP/s FP32, 71 TFLOP/s
 FP16 tensor cores, dense) and by a utilisation typical of UNets in PyTorch (40%).
+
+Sampler cost: 100-step DDPM against DDIM at --ddim-steps, seconds and quality (text-faithfulness score, colour-map
+difference to the DDPM sample from the same noise); meaningful with a trained --run-dir.
 """
 
 from __future__ import annotations
@@ -69,6 +72,48 @@ def bench_tiny(cfg, run_dir: str | None, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+QUALITY_PROMPTS = ("a woman in a red dress", "a man in a green striped shirt and black trousers",
+                   "a woman in a blue shirt and white skirt")
+
+
+def bench_samplers(cfg, run_dir: str | None, ddim_steps: list[int], seeds: int,
+                   prompts: tuple[str, ...] = QUALITY_PROMPTS) -> list[dict[str, float]]:
+    """DDPM (100 steps, the paper's sampler) against DDIM at fewer steps, from the same initial noise.
+
+    Per sampler: seconds per generation (sampling only, one prompt), the text-faithfulness score of
+    ``pipeline.evaluate`` (score_colour_map of the decoded UV colour map against the prompt) over prompts x seeds,
+    and the mean absolute per-texel difference of the decoded colour map to the DDPM sample of the same seed
+    (``sample`` draws the initial noise first from the seeded generator, so both chains start from the same x_T).
+    """
+    avatar, decoder, model = tiny_models(cfg, run_dir)
+    parts = avatar.uv_mapper.part_masks()
+    rgb = P.ATTRIBUTE_SLICES["rgb"]
+    conds = {p: model.encode_text([p]) for p in prompts}
+    rows, ref = [], {}
+    for sampler, steps in [("ddpm", 100)] + [("ddim", n) for n in ddim_steps]:
+        times, scores, diffs = [], [], []
+        for p in prompts:
+            for s in range(seeds):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    latent = model.sample(conds[p], steps=steps, sampler=sampler,
+                                          generator=torch.Generator().manual_seed(1000 + s))
+                times.append(time.perf_counter() - t0)
+                with torch.no_grad():
+                    colour = decoder(latent)[0, rgb].cpu()  # [3, R, R], as evaluate scores it
+                scores += list(P.score_colour_map(colour, parts, P.parse_prompt(p)).values())
+                if sampler == "ddpm":
+                    ref[p, s] = colour
+                diffs.append(float((colour - ref[p, s]).abs().mean()))
+        rows.append({"sampler": sampler, "steps": steps, "seconds": statistics.median(times),
+                     "text_score": statistics.fmean(scores), "colour_diff_to_ddpm": statistics.fmean(diffs)})
+    if seeds > 1:  # the scale to read the differences against: DDPM samples of one prompt from different noise
+        other = [float((ref[p, s] - ref[p, (s + 1) % seeds]).abs().mean()) for p in prompts for s in range(seeds)]
+        rows.append({"sampler": "ddpm, another seed", "steps": 100, "seconds": float("nan"), "text_score": float("nan"),
+                     "colour_diff_to_ddpm": statistics.fmean(other)})
+    return rows
+
+
 def paper_flops() -> dict[str, float]:
     cfg = load_config(CONFIG_DIR / "paper.yaml")
     t, d = cfg.teacher, cfg.distill
@@ -105,10 +150,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: on a 2-core machine shared with other work, 2 threads per op thrash)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ddim-steps", type=int, nargs="*", default=[10, 25, 50],
+                    help="DDIM step counts compared with 100-step DDPM (none: skip the comparison)")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds per prompt in the sampler comparison")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, [f"threads={args.threads}"])
     tiny = bench_tiny(cfg, args.run_dir, args.repeats)
+    if args.ddim_steps:
+        rows = bench_samplers(cfg, args.run_dir, args.ddim_steps, args.seeds)
+        print(f"TeRA samplers ({'trained run ' + args.run_dir if args.run_dir else 'random weights'}; "
+              f"{len(QUALITY_PROMPTS)} held-out prompts x {args.seeds} seeds, same initial noise per seed)")
+        print("| sampler | steps | seconds / generation (sampling) | text score | mean abs colour-map diff to DDPM |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            sec, score = (("-" if v != v else f"{v:.3f}") for v in (r["seconds"], r["text_score"]))  # nan: not timed
+            print(f"| {r['sampler']} | {r['steps']} | {sec} | {score} | {r['colour_diff_to_ddpm']:.4f} |")
+        print()
     paper = paper_flops()
     print(f"TeRA tiny generation on CPU ({args.threads} threads; latent {cfg.teacher.channels}x"
           f"{cfg.distill.latent_resolution}^2, {cfg.body.num_points} Gaussians), median of {args.repeats}")

@@ -14,7 +14,9 @@ from avatar_core.config import load_config as _load_config
 from avatar_core.train import TrainConfig
 
 #: The package's configs folder (paper.yaml, tiny.yaml).
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# Inside the package in a wheel; beside src/ in a checkout or an editable install.
+CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parents[2] / "configs")
+                   if d.is_dir()), Path(__file__).resolve().parents[2] / "configs")
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 
 
@@ -254,6 +256,12 @@ class EvaluateConfig:
     """Distillation steps per ablation arm."""
     sampler: str = "ddim"
     """Sampler used for the evaluation's many generations."""
+    clip_path: str | None = None
+    """Local CLIP folder (openai/clip-vit-* layout) for the CLIP score; None: the score is not computed."""
+    clip_views: int = 4
+    """Turntable views rendered per generated avatar for the CLIP score (the score averages over them)."""
+    clip_render_size: int = 224
+    """Render size of those views before CLIP's own resize (CLIP ViT-L/14 reads 224 x 224)."""
 
 
 @dataclass

@@ -825,6 +825,86 @@ def _mean_score(rows: list[dict[str, float]]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+#: CLIP's image normalisation (the constants every openai/clip-vit-* release was trained with).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_NOT_COMPUTED = "CLIP score: not computed (set evaluate.clip_path to a local CLIP folder)"
+
+
+def clip_preprocess(images: Tensor, size: int) -> Tensor:  # [V, H, W, 3] in [0, 1] -> [V, 3, size, size]
+    """CLIP's input: shorter side resized to ``size`` (bicubic), centre crop, mean/std normalisation."""
+    x = images.permute(0, 3, 1, 2).float().clamp(0, 1)
+    h, w = x.shape[-2:]
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    # Antialiasing matters when the renders are larger than CLIP's input: plain bicubic would alias thin edges.
+    x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[..., top:top + size, left:left + size].clamp(0, 1)  # bicubic overshoots; CLIP saw [0, 1] images
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device)[:, None, None]
+    return (x - mean) / std
+
+
+def _features(out: Any) -> Tensor:
+    # transformers 5 returns a model output whose pooler_output is the projected embedding; older ones a tensor.
+    return getattr(out, "pooler_output", out)
+
+
+class ClipScorer:
+    """CLIP score (Hessel et al. 2021, without the clip at 0): 100 x cosine(image embedding, text embedding)."""
+
+    def __init__(self, path: str | Path | None, device: torch.device | str = "cpu"):
+        from avatar_core.pretrained import load_clip
+
+        parts = load_clip(path, device=device, config_key="evaluate.clip_path")
+        self.model = parts.model.eval()
+        self.tokenizer = parts.tokenizer
+        self.device = torch.device(device)
+        self.image_size = int(self.model.config.vision_config.image_size)
+        self.max_length = min(int(self.tokenizer.model_max_length),
+                              int(self.model.config.text_config.max_position_embeddings))
+
+    @torch.no_grad()
+    def text_embedding(self, prompts: list[str]) -> Tensor:  # [P, D], unit norm
+        tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        emb = _features(self.model.get_text_features(input_ids=tok.input_ids.to(self.device),
+                                                     attention_mask=tok.attention_mask.to(self.device)))
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    @torch.no_grad()
+    def image_embedding(self, images: Tensor) -> Tensor:  # [V, H, W, 3] in [0, 1] -> [V, D], unit norm
+        pixels = clip_preprocess(images, self.image_size).to(self.device, self.model.dtype)
+        emb = _features(self.model.get_image_features(pixel_values=pixels))
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    def score(self, images: Tensor, prompt: str) -> float:
+        """Mean over the views ``[V, H, W, 3]`` of 100 x cosine(view, prompt)."""
+        return float(100 * (self.image_embedding(images) @ self.text_embedding([prompt])[0]).mean())
+
+
+def avatar_views(cfg: TeraConfig, models: Models, maps: Tensor, n: int, size: int) -> Tensor:
+    """``n`` turntable views ``[n, size, size, 3]`` of the avatar decoded from attribute maps ``[1, 13, R, R]``."""
+    with torch.no_grad():
+        g = models.avatar(maps.to(models.device))
+        cams = turntable_cameras(cfg, n, body_centre(g.means[0]), size)
+        rgb, _ = models.avatar.render(g, cams, tuple(cfg.data.background))
+    return rgb[0].cpu()
+
+
+def format_clip(clip: dict[str, Any] | None) -> list[str]:
+    """The CLIP-score section of the evaluation report (Markdown lines)."""
+    if not clip:
+        return ["## CLIP score", "", CLIP_NOT_COMPUTED]
+    lines = [f"## CLIP score (100 x cosine of CLIP image and text embeddings, mean over {clip['views']} views; "
+             f"{clip['path']})", "", "| rows | CLIP score |", "|---|---|",
+             f"| held-out prompts | {clip['held_out_prompts']:.2f} |",
+             f"| held-out avatars scored against another held-out prompt | {clip['against_other_prompt']:.2f} |",
+             "", "| held-out prompt | CLIP score |", "|---|---|"]
+    lines += [f"| {p} | {v:.2f} |" for p, v in clip["per_prompt"].items()]
+    return lines
+
+
 def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool = True,
              progress: bool = True) -> dict[str, Any]:
     """Text faithfulness (held-out prompts vs random captions), editing errors, latent-resolution ablation."""
@@ -836,6 +916,8 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
     ds = load_dataset(cfg)
     parts = models.avatar.uv_mapper.part_masks()
     sampling = {"sampler": e.sampler, "steps": None, "guidance": cfg.generate.guidance or None}
+    # Loaded before any generation so a missing or incomplete CLIP folder fails at once, with nothing spent.
+    clip = ClipScorer(e.clip_path, models.device) if e.clip_path else None
     report: dict[str, Any] = {}
 
     # The scorer on the dataset's own UV textures: how often it reads the truth (its ceiling).
@@ -845,16 +927,22 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
         gt_rows.append(score_colour_map(tex, parts, parse_prompt(ds.captions(i)[0])))
     train_caps = [c for i in range(len(ds)) for c in ds.captions(i)]
 
-    def generated_maps(prompts: list[str], seed: int) -> Tensor:  # [B, 3, R, R]
+    def generated_maps(prompts: list[str], seed: int) -> Tensor:  # [B, 13, R, R]
         lat = sample_latents(models, prompts, seed, **sampling)
         with torch.no_grad():
-            return models.decoder(lat.to(models.device))[:, ATTRIBUTE_SLICES["rgb"]].cpu()
+            return models.decoder(lat.to(models.device)).cpu()
 
     rng = np.random.default_rng(cfg.seed)
     held_rows, held_vs_random, per_prompt = [], [], []
+    clip_emb: list[Tensor] = []  # per held-out prompt: each sample's view-averaged unit image embeddings [S, D]
     for k, prompt in enumerate(e.prompts):
         asked = parse_prompt(prompt)
-        maps = generated_maps([prompt] * e.samples_per_prompt, cfg.seed + k)
+        full = generated_maps([prompt] * e.samples_per_prompt, cfg.seed + k)
+        maps = full[:, ATTRIBUTE_SLICES["rgb"]]
+        if clip is not None:
+            views = [avatar_views(cfg, models, full[i:i + 1], e.clip_views, e.clip_render_size)
+                     for i in range(len(full))]
+            clip_emb.append(torch.stack([clip.image_embedding(v).mean(0) for v in views]))  # [S, D]
         rows = [score_colour_map(m, parts, asked) for m in maps]
         held_rows += rows
         other = train_caps[int(rng.integers(len(train_caps)))]
@@ -863,7 +951,7 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
                            "combination_in_training_set": any(all(parse_prompt(ds.captions(i)[0]).get(a) == v
                                                                    for a, v in asked.items()) for i in range(len(ds)))})
     rand_caps = [train_caps[int(j)] for j in rng.choice(len(train_caps), size=e.random_captions, replace=False)]
-    rand_maps = generated_maps(rand_caps, cfg.seed + 1000)
+    rand_maps = generated_maps(rand_caps, cfg.seed + 1000)[:, ATTRIBUTE_SLICES["rgb"]]
     rand_rows = [score_colour_map(m, parts, parse_prompt(c)) for m, c in zip(rand_maps, rand_caps)]
     shuffled = rand_caps[1:] + rand_caps[:1]
     rand_vs_other = [score_colour_map(m, parts, parse_prompt(c)) for m, c in zip(rand_maps, shuffled)]
@@ -877,6 +965,20 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
         "samples_per_prompt": e.samples_per_prompt,
         "sampler": e.sampler,
     }
+
+    # CLIP score: mean over views of 100 x cosine, i.e. 100 x (mean of the unit view embeddings) . text.
+    report["clip_score"] = None
+    if clip is not None:
+        text = clip.text_embedding(list(e.prompts))  # [P, D]
+        sims = torch.stack([100 * (emb @ text.T) for emb in clip_emb])  # [P, S, P]: prompt k's samples vs all
+        own = torch.stack([sims[k, :, k] for k in range(len(e.prompts))])  # [P, S]
+        others = [sims[k, :, j] for k in range(len(e.prompts)) for j in range(len(e.prompts)) if j != k]
+        report["clip_score"] = {
+            "path": str(e.clip_path), "views": e.clip_views, "render_size": e.clip_render_size,
+            "held_out_prompts": float(own.mean()),
+            "against_other_prompt": float(torch.cat(others).mean()) if others else float("nan"),
+            "per_prompt": {p: float(own[k].mean()) for k, p in enumerate(e.prompts)},
+        }
 
     # Editing: outside the region nothing moves; inside follows the new prompt; inpaint vs replace seams.
     src = generate(cfg, e.prompts[0], out / "edit_source", seed=cfg.seed, models=models, video=False)
@@ -951,6 +1053,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines += ["", "| held-out prompt | asked | score | combination in training set |", "|---|---|---|---|"]
     for p in tf["per_prompt"]:
         lines.append(f"| {p['prompt']} | {p['asked']} | {p['score']:.2f} | {p['combination_in_training_set']} |")
+    lines += [""] + format_clip(report.get("clip_score"))
     ed = report["editing"]
     lines += ["", f"## Editing: region `{ed['region']}`, prompt \"{ed['prompt']}\"", "",
               "| method | latent max abs change outside | colour map mean abs change outside | inside | "
@@ -1027,7 +1130,8 @@ def _demo(cfg: TeraConfig, out: Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "AVATAR_FORMAT", "Models", "PosedTeacherFitter", "animate", "build_avatar", "decode", "demo_part", "distill",
-    "edit", "evaluate", "export", "fit_teacher", "format_report", "generate", "load_avatar", "load_dataset",
+    "AVATAR_FORMAT", "CLIP_MEAN", "CLIP_NOT_COMPUTED", "CLIP_STD", "ClipScorer", "Models", "PosedTeacherFitter",
+    "animate", "avatar_views", "build_avatar", "clip_preprocess", "decode", "demo_part", "distill", "edit",
+    "evaluate", "export", "fit_teacher", "format_clip", "format_report", "generate", "load_avatar", "load_dataset",
     "load_models", "parse_prompt", "run_all", "score_colour_map", "train",
 ]
