@@ -14,6 +14,7 @@ import statistics
 import time
 
 import torch
+from benchlib import print_table
 
 COLUMNS = ("case", "views", "best_ms", "median_ms", "best_ms_per_view", "target_ms_per_view", "covered")
 TARGET_MS = {256: 30.0, 512: 80.0}
@@ -60,20 +61,6 @@ def rows(repeats: int, device: torch.device) -> list[dict]:
     return result
 
 
-def print_table(table: list[dict]) -> None:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.1f}"
-        return "" if v is None else str(v)
-
-    cells = [[fmt(r.get(c)) for c in COLUMNS] for r in table]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
-    print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -84,7 +71,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
-    print_table(rows(args.repeats, device))
+    print_table(rows(args.repeats, device), COLUMNS, digits=1)
 
 
 if __name__ == "__main__":

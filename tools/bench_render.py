@@ -10,56 +10,18 @@ tools/bench_volume.py exists, its rows (``bench_volume.rows()`` returns dicts wi
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import importlib.util
 import math
 import os
-import resource
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
+from benchlib import PeakRSS, print_table
 
 COLUMNS = ("case", "forward_s", "fwd_bwd_s", "peak_mem_mb", "note")
-
-
-class PeakRSS:
-    """Peak resident memory of this process during a block, sampled every 2 ms (MiB above the start)."""
-
-    def __enter__(self):
-        # Hand freed heap pages back first, so the baseline is live memory, not the allocator's cache.
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.base = self._rss()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def look_at(eye, target=(0.0, 0.9, 0.0)) -> torch.Tensor:
@@ -186,20 +148,6 @@ def volume_rows() -> list[dict]:
     return list(module.rows())
 
 
-def print_table(rows: list[dict]) -> None:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3f}" if v < 100 else f"{v:.0f}"
-        return "" if v is None else str(v)
-
-    cells = [[fmt(r.get(c)) for c in COLUMNS] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
-    print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per row (best is kept)")
@@ -215,7 +163,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
     rows = gaussian_rows(args.repeats) + ([] if args.no_volume else volume_rows())
-    print_table(rows)
+    print_table(rows, COLUMNS)
     return 0
 
 

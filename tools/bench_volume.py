@@ -15,12 +15,11 @@ note) plus rays_per_s.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
-import threading
 import time
 
 import torch
+from benchlib import PeakRSS, print_table
 from torch import nn
 
 from avatar_core.cameras import orbit_cameras
@@ -30,35 +29,6 @@ from avatar_core.render.volume import render_rays, sample_triplane
 
 COLUMNS = ("case", "forward_s", "fwd_bwd_s", "peak_mem_mb", "rays_per_s", "note")
 SIZE, SAMPLES, NEAR, FAR = 128, 64, 1.0, 4.0
-
-
-class _PeakRSS:
-    """Peak resident memory above the start of a block, sampled every 2 ms (MiB)."""
-
-    def __enter__(self):
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 class TriplaneField(nn.Module):
@@ -122,7 +92,7 @@ def rows(repeats: int = 3) -> list[dict]:
             render_rays(field, o, d, NEAR, FAR, num_samples=SAMPLES, estimator=estimator).rgb.mean().backward()
 
         forward()  # warm-up
-        with _PeakRSS() as mem:
+        with PeakRSS() as mem:
             t_f = _time(forward, repeats)
             t_fb = _time(forward_backward, repeats)
         evaluated = forward().num_evaluated
@@ -135,20 +105,6 @@ def rows(repeats: int = 3) -> list[dict]:
     return out
 
 
-def _print(table: list[dict]) -> None:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3f}" if v < 100 else f"{v:.0f}"
-        return "" if v is None else str(v)
-
-    cells = [[fmt(r.get(c)) for c in COLUMNS] for r in table]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
-    print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per row (best is kept)")
@@ -158,7 +114,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{' '.join(f'{x:.2f}' for x in __import__('os').getloadavg())}", file=sys.stderr)
-    _print(rows(args.repeats))
+    print_table(rows(args.repeats), COLUMNS)
     return 0
 
 
