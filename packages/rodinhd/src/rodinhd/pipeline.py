@@ -405,9 +405,15 @@ def train_base(cfg: Any = None, out: str | os.PathLike = "outputs/rodinhd", resu
         o = m(batch["triplanes"], batch["features"])
         return o["loss"], {"mse": o["mse"].detach(), "vlb": o["vlb"].detach()}
 
-    run_dir = out / "base"
+    return _train_stage(cfg, out, "base", loop, model, step, data_fn, resume)
+
+
+def _train_stage(cfg: Any, out: Path, name: str, loop: Any, model: nn.Module, step: Callable, data_fn: Callable,
+                 resume: bool) -> dict:
+    """Run one diffusion stage on the kernel's Trainer in ``out/name`` (exact resume; a changed config is refused)."""
+    run_dir = out / name
     trainer = Trainer(_loop_config(loop, run_dir, cfg.seed), model, _optimizer(loop), step, data_fn,
-                      run_config=_run_signature(cfg, "base"))
+                      run_config=_run_signature(cfg, name))
     t0 = time.perf_counter()
     last = trainer.train(resume="auto" if resume else None)
     save_config(cfg, run_dir / "config.yaml")
@@ -450,14 +456,7 @@ def train_upsample(cfg: Any = None, out: str | os.PathLike = "outputs/rodinhd", 
         metrics = {k: o[k].detach() for k in ("mse", "pixel", "perceptual") if k in o}
         return o["loss"], metrics
 
-    run_dir = out / "upsample"
-    trainer = Trainer(_loop_config(loop, run_dir, cfg.seed), model, _optimizer(loop), step, data_fn,
-                      run_config=_run_signature(cfg, "upsample"))
-    t0 = time.perf_counter()
-    last = trainer.train(resume="auto" if resume else None)
-    save_config(cfg, run_dir / "config.yaml")
-    return {"run": str(run_dir), "checkpoint": str(latest_checkpoint(run_dir)), "last": last,
-            "seconds": time.perf_counter() - t0}
+    return _train_stage(cfg, out, "upsample", loop, model, step, data_fn, resume)
 
 
 # ---------------------------------------------------------------------------------------------------------------
