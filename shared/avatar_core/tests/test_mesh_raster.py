@@ -168,3 +168,18 @@ def test_bad_inputs_raise():
         rasterize_mesh(torch.zeros(3, 2), torch.tensor([[0, 1, 2]]), cams)
     with pytest.raises(InputError):
         rasterize_mesh(torch.zeros(3, 3), torch.tensor([[0, 1, 3]]), cams)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    """The same code on CUDA (int64 scatter_reduce amin included) gives the CPU's fragments."""
+    g = torch.Generator().manual_seed(3)
+    verts = torch.rand(300, 3, generator=g) * torch.tensor([2.0, 2.0, 1.0]) + torch.tensor([-1.0, -1.0, 2.0])
+    faces = torch.randint(0, 300, (200, 3), generator=g)
+    cams = _identity_camera(96, 80)
+    cpu = rasterize_mesh(verts, faces, cams)
+    gpu = rasterize_mesh(verts.cuda(), faces.cuda(), cams.to("cuda"))
+    assert torch.equal(gpu.face_idx.cpu(), cpu.face_idx)
+    torch.testing.assert_close(gpu.depth.cpu(), cpu.depth)
+    torch.testing.assert_close(gpu.bary.cpu(), cpu.bary, atol=1e-5, rtol=1e-5)
