@@ -491,6 +491,10 @@ def rasterize_cpu(
     if render_mode in ("ED", "RGB+ED"):
         render = torch.cat([render[..., :-1], render[..., -1:] / alphas.clamp(min=1e-10)], -1)
     meta = {
+        # The non-packed layout of gsplat.rasterization: no id lists, per-camera tensors [C, N, ...].
+        "batch_ids": None,
+        "camera_ids": None,
+        "gaussian_ids": None,
         "radii": radii,
         "means2d": means2d,
         "depths": depths,
@@ -499,6 +503,7 @@ def rasterize_cpu(
         "width": width,
         "height": height,
         "tile_size": tile_size,
+        "n_batches": 1,
         "n_cameras": C,
         "backend": "cpu-kernel" if use_kernel else "cpu-torch",
     }

@@ -62,9 +62,14 @@ def rasterize_gaussians(
 
     Returns:
         colors ``[C, H, W, X]`` (X = D, 1 or D + 1 by mode), alphas ``[C, H, W, 1]`` and a meta
-        dict with ``radii`` ``[C, N, 2]`` (int32, 0 = culled), ``means2d`` ``[C, N, 2]`` (its
-        ``.grad`` is kept after backward, for densification), ``depths`` ``[C, N]`` and
-        ``conics`` ``[C, N, 3]``.
+        dict with gsplat's non-packed keys on every backend: ``radii`` ``[C, N, 2]`` (int32,
+        0 = culled), ``means2d`` ``[C, N, 2]`` in pixels (its ``.grad`` is kept after backward),
+        ``depths`` ``[C, N]``, ``conics`` ``[C, N, 3]``, ``opacities`` ``[C, N]``, ``width``,
+        ``height``, ``n_cameras``, ``n_batches`` and ``batch_ids`` / ``camera_ids`` /
+        ``gaussian_ids`` = None (not packed), plus ``backend``. These are the keys that
+        ``gsplat.strategy.DefaultStrategy`` reads, so it densifies and prunes with this meta on the
+        CPU as on CUDA (call it with ``packed=False``). ``MCMCStrategy`` reads no meta, but its
+        relocation and noise ops are gsplat CUDA kernels, so it runs on CUDA only.
     """
     C, N = _check_inputs(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
@@ -139,18 +144,24 @@ def _empty_render(C, N, colors, sh_degree, backgrounds, render_mode, width, heig
     render = torch.zeros(C, height, width, X, dtype=dt, device=dev)
     if backgrounds is not None and render_mode in ("RGB", "RGB+D", "RGB+ED"):
         render[..., :D] = backgrounds[:, None, None, :]
-    # A zero-valued link to the (empty) inputs keeps backward() valid when a loss uses the image.
-    render = render + 0.0 * (means.sum() + colors.sum())
+    means2d = torch.zeros(C, N, 2, dtype=dt, device=dev, requires_grad=means.requires_grad)
+    # A zero-valued link to the (empty) inputs keeps backward() valid when a loss uses the image, and
+    # gives means2d a (zero) gradient, as a densification strategy expects.
+    render = render + 0.0 * (means.sum() + colors.sum() + means2d.sum())
     alphas = torch.zeros(C, height, width, 1, dtype=dt, device=dev)
     meta = {
+        "batch_ids": None,
+        "camera_ids": None,
+        "gaussian_ids": None,
         "radii": torch.zeros(C, N, 2, dtype=torch.int32, device=dev),
-        "means2d": torch.zeros(C, N, 2, dtype=dt, device=dev),
+        "means2d": means2d,
         "depths": torch.zeros(C, N, dtype=dt, device=dev),
         "conics": torch.zeros(C, N, 3, dtype=dt, device=dev),
         "opacities": torch.zeros(C, N, dtype=dt, device=dev),
         "width": width,
         "height": height,
         "tile_size": 16,
+        "n_batches": 1,
         "n_cameras": C,
         "backend": "empty",
     }
