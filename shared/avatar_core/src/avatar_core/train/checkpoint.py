@@ -30,6 +30,7 @@ from avatar_core.io.tensors import fsync_dir, load_tensors, save_tensors
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -50,6 +51,13 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
+
+
+def holds_run(output_dir: str | os.PathLike) -> bool:
+    """``output_dir`` holds (part of) a training run: a checkpoint, even a half-written one, or a metrics log."""
+    root = Path(output_dir)
+    ckpts = root / CHECKPOINTS
+    return (root / METRICS_FILE).is_file() or (ckpts.is_dir() and any(ckpts.iterdir()))
 
 
 def remove_stale(output_dir: str | os.PathLike) -> None:

@@ -12,6 +12,20 @@ return the same batches for the same epoch. On resume the consumed batches of th
 are skipped. Batches are fetched under a forked torch RNG, so loading data never shifts the
 random stream the model draws from (dropout, noise, timesteps); randomness inside a dataset
 should therefore come from the sampler or from per-sample seeds, not from the global RNG.
+
+Reproducibility. A model given as a factory (``model=lambda: build(cfg)``) is built under
+:func:`~avatar_core.train.seeding.seeded` with ``seed``, so its initial weights are a function of the seed
+alone and two runs of one config write bit-identical checkpoints.
+
+One run per folder. :meth:`Trainer.train` holds the folder's run lock (:mod:`avatar_core.train.lock`) while
+it runs; a second run into the same folder is refused with a one-line error. A fresh run (``resume=None``,
+the CLIs' ``--restart``) into a folder that holds an earlier run moves that run aside to
+``<output_dir>.old-<UTC time>`` first, so no checkpoint of it can be resumed into the new one.
+
+Resume signature. The loop settings are compared on resume except those of
+:data:`~avatar_core.train.signature.TRAIN_MAY_CHANGE`; ``run_config`` is compared whole, so packages pass
+``config_signature(cfg, allow=...)`` (:mod:`avatar_core.train.signature`): every setting except an
+explicit allow-list.
 """
 
 from __future__ import annotations
@@ -20,7 +34,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -40,11 +53,14 @@ from tqdm.auto import tqdm
 from avatar_core.errors import AvatarError, ConfigError, CorruptFileError, InputError, MissingFileError
 from avatar_core.io.tensors import atomic_write, load_json, load_tensors, save_json, save_tensors
 from avatar_core.train import checkpoint as ckpt
+from avatar_core.train import lock as run_lock
 from avatar_core.train.ema import EMA
+from avatar_core.train.seeding import seeded
+from avatar_core.train.signature import TRAIN_MAY_CHANGE, flatten, signature_diff
 
 log = logging.getLogger(__name__)
 
-#: TrainConfig fields that must match between a checkpoint and the run resuming it.
+#: TrainConfig fields that must match between a checkpoint and the run resuming it (all but TRAIN_MAY_CHANGE).
 RESUME_KEYS = ("seed", "mixed_precision", "gradient_accumulation_steps", "max_grad_norm", "ema_decay")
 
 StepFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, Any]]"]
@@ -76,6 +92,8 @@ class TrainConfig:
     """Append a metrics line every this many steps."""
     progress_bar: bool = True
     """Show a tqdm bar (main process, interactive terminal only)."""
+    allow_config_change: bool = False
+    """Resume even when the settings differ from the checkpoint's (a warning lists the differences)."""
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -93,21 +111,13 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError("invalid TrainConfig: " + "; ".join(problems), "fix these train.* values")
 
 
-def _flatten(d: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
 class Trainer:
     """Train ``model`` by ``step_fn(model, batch) -> (loss, metrics)`` over ``data``; see the module docstring.
 
     Args:
         config: loop settings.
-        model: the module to train (Accelerate wraps it; ``unwrapped_model`` is the original).
+        model: the module to train (Accelerate wraps it; ``unwrapped_model`` is the original), or a
+            factory ``() -> module`` that is called under ``seeded(config.seed)`` (reproducible weights).
         optimizer: an optimizer over ``model``'s parameters, or a factory ``params -> optimizer``.
         step_fn: computes the loss of one micro-batch; runs under autocast when mixed precision is on.
         data: a ``DataLoader`` (sharded across processes), a callable ``epoch -> iterable of batches``,
@@ -115,14 +125,17 @@ class Trainer:
         lr_scheduler: a scheduler over ``optimizer``, or a factory ``optimizer -> scheduler``;
             stepped once per optimizer step.
         run_config: the caller's own settings (JSON-serialisable); stored in checkpoints and
-            compared on resume like the RESUME_KEYS of ``config``.
+            compared on resume like the RESUME_KEYS of ``config``; build it with
+            :func:`avatar_core.train.signature.config_signature`.
+        config_key: where ``config`` sits in the user's config (e.g. ``"diffusion.train"``), so that
+            the refusal of a changed config names an override the CLI accepts.
     """
 
-    def __init__(self, config: TrainConfig | dict, model: nn.Module,
+    def __init__(self, config: TrainConfig | dict, model: nn.Module | Callable[[], nn.Module],
                  optimizer: torch.optim.Optimizer | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                  step_fn: StepFn, data: DataLoader | Callable[[int], Iterable] | Iterable,
                  lr_scheduler: Any | Callable[[torch.optim.Optimizer], Any] | None = None,
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, config_key: str = "train"):
         if isinstance(config, DictConfig):
             config = OmegaConf.to_object(config)  # a structured node gives a TrainConfig, a plain one a dict
         if isinstance(config, dict):
@@ -133,6 +146,7 @@ class Trainer:
             config = TrainConfig(**config)
         _validate(config)
         self.config = config
+        self.config_key = config_key
         self.step_fn = step_fn
         self.run_config = json.loads(json.dumps(run_config or {}))  # a JSON-clean copy, or a clear TypeError now
         self.output_dir = Path(config.output_dir)
@@ -143,6 +157,11 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
             step_scheduler_with_optimizer=False,
         )
+        if not isinstance(model, nn.Module):
+            with seeded(config.seed):  # before set_seed: the weights do not depend on the process rank
+                model = model()
+            if not isinstance(model, nn.Module):
+                raise InputError(f"Trainer: the model factory returned {type(model).__name__}, not an nn.Module")
         set_seed(config.seed, device_specific=True)
 
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -200,14 +219,30 @@ class Trainer:
     def train(self, resume: str | os.PathLike | None = None, allow_config_change: bool = False) -> dict[str, Any]:
         """Run until ``max_steps``; ``resume`` is None (fresh), "auto" (latest checkpoint, if any) or a path.
 
-        Returns the last metrics record. ``allow_config_change`` resumes even when RESUME_KEYS or
-        ``run_config`` differ from the checkpoint's (logged as a warning).
+        Returns the last metrics record. A fresh run into a folder that holds an earlier run (checkpoints
+        or a metrics log) first moves that run aside to ``<output_dir>.old-<UTC time>``. The folder's run
+        lock is held until this returns; a second run into it raises :class:`~avatar_core.train.lock.RunLockedError`.
+        ``allow_config_change`` (or ``config.allow_config_change``) resumes even when the settings differ
+        from the checkpoint's (logged as a warning).
         """
+        main = self.accelerator.is_main_process
+        if main:
+            run_lock.acquire(self.output_dir)
+        try:
+            return self._train(resume, allow_config_change or self.config.allow_config_change)
+        finally:
+            if main:
+                run_lock.release(self.output_dir)
+
+    def _train(self, resume: str | os.PathLike | None, allow_config_change: bool) -> dict[str, Any]:
         cfg, acc = self.config, self.accelerator
         # Accelerate keeps accumulation settings in process-wide state; another Trainer may have changed them.
         acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if resume is None and ckpt.holds_run(self.output_dir):
+                old = run_lock.move_aside(self.output_dir)
+                log.warning("%s held an earlier run, now kept in %s; this run starts from scratch",
+                            self.output_dir, old)
             ckpt.remove_stale(self.output_dir)
         acc.wait_for_everyone()
         if resume is not None:
@@ -216,9 +251,6 @@ class Trainer:
                 log.info("no checkpoint in %s; training from scratch", self.output_dir / ckpt.CHECKPOINTS)
             else:
                 self.load_checkpoint(path, allow_config_change=allow_config_change)
-        elif ckpt.latest_checkpoint(self.output_dir) is not None and acc.is_main_process:
-            log.warning("%s already holds checkpoints; starting from scratch will overwrite them "
-                        "(pass resume='auto' to continue instead)", self.output_dir)
         if acc.is_main_process:
             self._truncate_metrics()  # a fresh run starts an empty log; a resumed one drops lines past its step
 
@@ -281,9 +313,10 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _signature(self) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint, as flat dotted keys."""
-        sig = {f"train.{k}": getattr(self.config, k) for k in RESUME_KEYS}
+        loop = dataclasses.asdict(self.config)
+        sig = {f"train.{k}": v for k, v in flatten(loop).items() if k not in TRAIN_MAY_CHANGE}
         sig["num_processes"] = self.accelerator.num_processes
-        sig.update(_flatten(self.run_config, "run"))
+        sig.update(flatten(self.run_config, "run"))
         return sig
 
     def save_checkpoint(self) -> Path:
@@ -378,20 +411,16 @@ class Trainer:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def _check_signature(self, stored: dict[str, Any], path: Path, allow: bool) -> None:
-        now = self._signature()
-        keys = sorted(set(stored) | set(now))
-        diff = [f"{k}: checkpoint={stored.get(k, '<unset>')!r}, now={now.get(k, '<unset>')!r}"
-                for k in keys if stored.get(k, "<unset>") != now.get(k, "<unset>")
-                and not (isinstance(stored.get(k), float) and isinstance(now.get(k), float)
-                         and math.isclose(stored[k], now[k]))]
+        diff = signature_diff(stored, self._signature())
         if not diff:
             return
         msg = f"the run's settings differ from checkpoint {path}: " + "; ".join(diff)
         if allow:
-            log.warning("%s (resuming anyway: allow_config_change=True)", msg)
+            log.warning("%s (resuming anyway: allow_config_change)", msg)
             return
-        raise ConfigError(msg, "restore those settings, use a new output_dir, "
-                               "or resume with allow_config_change=True if the change is intended")
+        raise ConfigError(msg, f"restore those settings; or start a new run with --restart (the old one is kept "
+                               f"as {self.output_dir}.old-<time>); or, if the change is intended, resume anyway "
+                               f"with {self.config_key}.allow_config_change=true")
 
     def _truncate_metrics(self) -> None:
         """Drop metrics lines written after the resumed step (by a run that crashed later)."""
