@@ -376,6 +376,7 @@ def openpose_image(
     stick_width: float | None = None,
     keypoints: Tensor | None = None,  # [18, 3] or [C, 18, 3] world space, overrides model.keypoints(body)
     fragments: MeshFragments | None = None,
+    visibility: Tensor | None = None,  # [C, 18] bool, ANDed with the computed visibility
 ) -> tuple[Tensor, Tensor, Tensor]:
     """OpenPose-style skeleton image of the body's 18 COCO keypoints, as ControlNet-openpose expects.
 
@@ -383,6 +384,7 @@ def openpose_image(
     ``[C, 18, 2]`` and their visibility ``[C, 18]`` (see :func:`keypoint_visibility`; with
     ``occlusion=False`` every keypoint inside the image is drawn). ``depth_margin`` defaults to 12 % of
     the body's rest height; ``stick_width`` to 4 px at 512 px, scaled with the image's smaller side.
+    ``visibility`` hides further keypoints per camera (a method's own view-dependent skeleton cropping).
     """
     if keypoints is None:
         if not isinstance(body, BodyOutput):
@@ -409,6 +411,11 @@ def openpose_image(
         visible = keypoint_visibility(px, z, W, H, depth_buffer.to(px.device), depth_margin, face_rule=True)
     else:
         visible = keypoint_visibility(px, z, W, H, None, face_rule=False)
+    if visibility is not None:
+        if visibility.shape != visible.shape:
+            raise InputError(f"visibility of shape {tuple(visibility.shape)} for keypoints {tuple(visible.shape)}",
+                             "pass a [C, 18] boolean mask")
+        visible = visible & visibility.to(visible.device, torch.bool)
     scale = min(H, W) / 512.0
     sw = 4.0 * scale if stick_width is None else float(stick_width)
     image = _draw_skeleton(px, visible, W, H, max(sw, 0.75), max(4.0 * scale, 1.0))
