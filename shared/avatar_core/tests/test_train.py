@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -129,3 +130,88 @@ def test_ema_closed_form_and_swap():
     with ema.average_parameters(model):
         torch.testing.assert_close(model.weight, expected)
     torch.testing.assert_close(model.weight, p0 + 3)
+
+
+def test_fresh_run_moves_the_old_run_aside_so_resume_never_mixes_runs(tmp_path):
+    """``--restart`` (resume=None): the old run's later checkpoints must not be resumed into the new run."""
+    _trainer(tmp_path / "run", max_steps=10).train()  # checkpoints at 5 and 10
+    new = _trainer(tmp_path / "run", max_steps=4, dropout=0.0)
+    new.train()  # a fresh run; the old one is kept aside
+    old = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(old) == 1 and [p.name for p in list_checkpoints(old[0])] == ["step_00000005", "step_00000010"]
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000004"]
+    resumed = _trainer(tmp_path / "run", max_steps=6, dropout=0.0)
+    resumed.train(resume="auto")
+    assert resumed.step == 6  # from the new run's step 4, not the old run's step 10
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@dataclass
+class _Diffusion:
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class _Run:
+    diffusion: _Diffusion = field(default_factory=_Diffusion)
+
+
+def test_changed_settings_refusal_names_working_commands(tmp_path):
+    from avatar_core.config import load_config
+
+    _trainer(tmp_path, max_steps=5, run_config={"diffusion": {"prediction": "x0"}}).train()
+    t = Trainer(TrainConfig(output_dir=str(tmp_path), max_steps=6, seed=7, ema_decay=0.9, max_grad_norm=0.5,
+                            progress_bar=False), _model(), lambda p: torch.optim.Adam(p, lr=1e-2), _step,
+                [next(iter(DataLoader(_dataset(), batch_size=BATCH)))], lambda o: torch.optim.lr_scheduler.StepLR(o, 3),
+                run_config={"diffusion": {"prediction": "eps"}}, config_key="diffusion.train")
+    with pytest.raises(ConfigError, match=r"run\.diffusion\.prediction: checkpoint='x0', now='eps'") as err:
+        t.train(resume="auto")
+    assert "--restart" in err.value.hint and "diffusion.train.allow_config_change=true" in err.value.hint
+
+    # The override the hint names is one a CLI's key=value parser accepts, and it lets the run resume.
+    cfg = load_config(_Run, overrides=["diffusion.train.allow_config_change=true"])
+    assert cfg.diffusion.train.allow_config_change is True
+    t.config.allow_config_change = True
+    t.train(resume="auto")
+    assert t.step == 6
+
+
+def test_config_signature_is_the_whole_config_minus_an_allow_list():
+    from avatar_core.train import config_signature
+
+    cfg = {"seed": 1, "device": "cpu", "diffusion": {"prediction": "x0", "text_dropout": 0.1,
+                                                      "train": {"max_steps": 9, "log_every": 3, "seed": 1}},
+           "generate": {"steps": 50}, "eval": {"prompts": ["a"]}}
+    sig = config_signature(cfg, allow=["generate", "eval.*"])
+    assert sig == {"seed": 1, "diffusion.prediction": "x0", "diffusion.text_dropout": 0.1, "diffusion.train.seed": 1}
+
+
+def test_models_built_by_the_trainer_are_seeded_so_runs_are_bit_identical(tmp_path):
+    def run(name: str) -> dict[str, bytes]:
+        torch.rand(17)  # whatever ran before in the process must not matter
+        t = Trainer(TrainConfig(output_dir=str(tmp_path / name), max_steps=3, seed=5, checkpoint_every=3,
+                                progress_bar=False, ema_decay=0.9), lambda: _model_unseeded(),
+                    lambda p: torch.optim.Adam(p, lr=1e-2), _step, DataLoader(_dataset(), batch_size=BATCH, shuffle=True))
+        t.train()
+        ck = list_checkpoints(tmp_path / name)[-1]
+        return {f: (ck / f).read_bytes() for f in ("model.safetensors", "ema.safetensors")}
+
+    assert run("a") == run("b")
+    # The helper packages call themselves: same weights for one seed, and the caller's stream is not shifted.
+    from avatar_core.train import seeded
+
+    state = torch.get_rng_state()
+    with seeded(3):
+        a = _model_unseeded()
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(5)
+    with seeded(3):
+        b = _model_unseeded()
+    with seeded(4):
+        c = _model_unseeded()
+    assert torch.equal(a[0].weight, b[0].weight) and not torch.equal(a[0].weight, c[0].weight)
+
+
+def _model_unseeded() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 2))

@@ -61,10 +61,10 @@ def body_models() -> dict[str, str]:
         out["smplx"] = "smplx package not installed (pip install smplx)"
     elif d is None:
         out["smplx"] = f"model files not configured (set {SMPLX_ENV} to the folder holding SMPLX_NEUTRAL.npz)"
-    elif not any(d.glob("SMPLX_*.npz")):
-        out["smplx"] = f"{SMPLX_ENV}={d} holds no SMPLX_*.npz file"
     else:
-        out["smplx"] = f"available ({d})"
+        from avatar_core.body.smplx_model import folder_status
+
+        out["smplx"] = folder_status(d)[1]  # the model file's arrays and the UV layout, not just a name
     return out
 
 

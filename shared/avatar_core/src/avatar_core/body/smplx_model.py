@@ -9,6 +9,8 @@ hand pose is the flat hand (``flat_hand_mean=True``), so a zero pose is the T-po
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,10 @@ SMPLX_ENV = "AVATAR_SMPLX_DIR"
 UV_FILE = "smplx_uv.obj"
 NUM_JOINTS = 55
 GENDERS = ("neutral", "male", "female")
+#: The arrays ``smplx.SMPLX`` reads from a model file (joint-wise hands, no face contour), as in SMPLX_NEUTRAL.npz.
+REQUIRED_KEYS = ("v_template", "f", "weights", "J_regressor", "kintree_table", "shapedirs", "posedirs",
+                 "hands_componentsl", "hands_componentsr", "hands_meanl", "hands_meanr",
+                 "lmk_faces_idx", "lmk_bary_coords")
 
 _JOINT_KEYPOINTS = {
     "neck": "neck",
@@ -78,6 +84,58 @@ def find_smplx_file(folder: Path, gender: str) -> Path:
     )
 
 
+def smplx_file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a usable SMPL-X model file (unreadable, not an archive, missing arrays), or None.
+
+    Reads only the ``.npz``'s zip directory, so it is cheap enough for ``info``; a ``.pkl`` is checked for
+    being a pickle at all (its keys need the full unpickling the loader does).
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".pkl":
+            with open(path, "rb") as f:
+                head = f.read(2)
+            return None if head[:1] == b"\x80" else "is not a pickle file"
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                return "is not an .npz archive"
+            keys = set(archive.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        return f"is not a readable .npz archive ({type(e).__name__}: {str(e)[:80]})"
+    missing = [k for k in REQUIRED_KEYS if k not in keys]
+    return f"lacks the SMPL-X arrays {', '.join(missing)}" if missing else None
+
+
+def check_smplx_file(path: Path) -> None:
+    """Raise a one-line :class:`CorruptFileError` naming ``path`` and what it lacks, unless it is usable."""
+    problem = smplx_file_problem(path)
+    if problem is not None:
+        raise CorruptFileError(f"SMPL-X model file {path} {problem}",
+                               f"replace it with the original download from {SMPLX_URL}")
+
+
+def folder_status(folder: str | os.PathLike) -> tuple[bool, str]:
+    """Whether ``folder`` holds a usable SMPL-X model (a valid model file and its UV layout), and why not."""
+    folder = Path(folder)
+    found, broken = [], []
+    for gender in GENDERS:
+        try:
+            path = find_smplx_file(folder, gender)
+        except MissingBodyModelError:
+            continue
+        problem = smplx_file_problem(path)
+        (broken if problem else found).append(f"{path.name} {problem}" if problem else (gender, path))
+    if not found and not broken:
+        return False, f"{folder} holds no SMPLX_*.npz file"
+    if not found:
+        return False, f"not usable: {'; '.join(broken)}"
+    uv = [p for _, path in found for p in (path.parent / UV_FILE, folder / UV_FILE) if p.is_file()]
+    if not uv:
+        return False, f"not usable: {UV_FILE} (the UV layout) is missing from {folder}"
+    note = f"; broken: {'; '.join(broken)}" if broken else ""
+    return True, f"available ({folder}; {', '.join(g for g, _ in found)}{note})"
+
+
 def read_obj_uv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Texture coordinates ``[T, 2]``, vertex faces ``[F, 3]`` and UV faces ``[F, 3]`` from an OBJ's vt/f lines."""
     uvs, faces, uv_faces = [], [], []
@@ -123,6 +181,7 @@ class SMPLXBody(BodyModel):
             raise ConfigError(f"unknown SMPL-X gender {gender!r}", f"use one of: {', '.join(GENDERS)}")
         self.folder = resolve_smplx_dir(model_dir)
         path = find_smplx_file(self.folder, gender)
+        check_smplx_file(path)
         self.model_file = path
         try:
             m = smplx.SMPLX(
@@ -130,8 +189,11 @@ class SMPLXBody(BodyModel):
                 num_expression_coeffs=num_expression_coeffs, use_pca=False, flat_hand_mean=True,
                 use_face_contour=False, dtype=torch.float64,
             )
-        except (KeyError, ValueError, OSError) as e:
-            raise CorruptFileError(f"cannot read SMPL-X model {path}: {e}", f"re-download it from {SMPLX_URL}") from e
+        except (KeyError, ValueError, OSError, EOFError, AttributeError, IndexError, TypeError,
+                pickle.UnpicklingError, zipfile.BadZipFile, ModuleNotFoundError) as e:
+            # ModuleNotFoundError: the original .pkl files pickle chumpy arrays; AttributeError: a missing key.
+            raise CorruptFileError(f"cannot read SMPL-X model {path}: {type(e).__name__}: {e}",
+                                   f"replace it with the original download from {SMPLX_URL}") from e
 
         self.joint_names = list(JOINT_NAMES[:NUM_JOINTS])
         self.parents = [int(p) for p in m.parents[:NUM_JOINTS]]

@@ -51,6 +51,7 @@ from avatar_core.data.poses import build_pose, sample_pose_params
 from avatar_core.errors import ConfigError, InputError
 from avatar_core.io import image_grid, load_image, save_image, save_json, save_tensors
 from avatar_core.io.tensors import fsync_dir
+from avatar_core.results import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -170,30 +171,42 @@ def _validate(settings: dict[str, Any]) -> None:
         raise InputError(f"uv_res {settings['uv_res']} is too small for faces and garments", "use e.g. 512")
     if not 0.0 <= settings["a_pose_fraction"] <= 1.0:
         raise InputError(f"a_pose_fraction must be in [0, 1], got {settings['a_pose_fraction']}")
+    if settings["seed"] < 0:
+        raise InputError(f"--seed must be a non-negative integer, got {settings['seed']}", "pass e.g. --seed 0")
 
 
-def _check_existing(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    """An existing folder must be this dataset (same settings) unless ``overwrite``; then our files go."""
-    meta_path = out / "meta.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            old = meta.get("settings", {})
-        except (OSError, json.JSONDecodeError):
-            old = None
-        diff = ["meta.json unreadable"] if old is None else [
-            f"{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in _MATCHING if old.get(k) != settings[k]]
-        if diff and not overwrite:
-            raise ConfigError(f"{out} holds a dataset made with different settings ({'; '.join(diff)})",
-                              "pass the same settings to continue it, choose another --out, or add --overwrite "
-                              "to delete it and start again")
-        if overwrite:
-            _remove_ours(out)
-    elif out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{out} exists, is not empty and is not an avatar dataset (no meta.json)",
-                              "choose an empty or new --out folder, or add --overwrite")
-        _remove_ours(out)
+def is_dataset(root: str | os.PathLike) -> bool:
+    """``root`` holds a dataset this generator wrote: its ``meta.json`` names the dataset format."""
+    try:
+        meta = json.loads((Path(root) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("format", "")).split("/")[0] == FORMAT.split("/")[0]
+
+
+def _check_existing(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:
+    """An existing folder must be this dataset (same settings) unless ``overwrite``; returns whether to clear it.
+
+    Only a folder whose ``meta.json`` says it is a dataset of this generator is ever cleared; anything else
+    that is not empty (a training run, a folder of avatars, a damaged dataset) is refused, with or without
+    ``overwrite``. Nothing is deleted here: the caller clears after every check has passed.
+    """
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    if not is_dataset(out):
+        what = "its meta.json is not a dataset's" if (out / "meta.json").exists() else "no meta.json"
+        raise ConfigError(f"{out} is not empty and is not an avatar dataset ({what}); make-dataset will not "
+                          "write into it" + (" or delete anything in it" if overwrite else ""),
+                          "choose an empty or new --out folder")
+    if overwrite:
+        return True
+    old = json.loads((out / "meta.json").read_text()).get("settings", {})
+    diff = [f"{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in _MATCHING if old.get(k) != settings[k]]
+    if diff:
+        raise ConfigError(f"{out} holds a dataset made with different settings ({'; '.join(diff)})",
+                          "pass the same settings to continue it, choose another --out, or add --overwrite "
+                          "to delete it and start again")
+    return False
 
 
 def _remove_ours(out: Path) -> None:
@@ -371,8 +384,9 @@ def generate_dataset(
 
     Resumes an interrupted run with the same settings (``num`` may grow: avatar ``i`` does not depend on it);
     other differences from an existing dataset raise :class:`ConfigError` unless ``overwrite``, which deletes
-    the generator's files there (only those) and starts again. ``shard=(k, n)`` makes only avatars with
-    ``i % n == k``; shards may write into the same folder concurrently (without ``overwrite``), and the
+    the generator's files there (only those, and only in a folder whose ``meta.json`` says it is a dataset:
+    anything else is refused) and starts again. ``out`` must be a folder that can be written.
+    ``shard=(k, n)`` makes only avatars with ``i % n == k``; shards may write into the same folder concurrently (without ``overwrite``), and the
     contact sheet is written by whichever run finds the first 16 avatars complete.
     """
     settings = default_settings(num, views, res, seed, body, uv_res, a_pose_fraction)
@@ -381,15 +395,19 @@ def generate_dataset(
     if not (0 <= k < n):
         raise InputError(f"shard {k}/{n} is not valid", "pass shard=(k, n) with 0 <= k < n")
     root = Path(out)
-    _check_existing(root, settings, overwrite)
-    (root / "avatars").mkdir(parents=True, exist_ok=True)
+    check_writable(root)
+    clear = _check_existing(root, settings, overwrite)
+    gen = AvatarGenerator(settings, body_model)  # the body loads before anything is written or deleted
+    if clear:
+        _remove_ours(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_meta(root, settings, gen)  # first: from here on the folder is recognisably a dataset
+    (root / "avatars").mkdir(exist_ok=True)
     for leftover in (root / "avatars").glob(".*.tmp-*"):
         # A run that stopped while writing this avatar; a live process's folder is another shard at work.
         pid = leftover.name.rsplit("-", 1)[-1]
         if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
             shutil.rmtree(leftover, ignore_errors=True)
-    gen = AvatarGenerator(settings, body_model)
-    _write_meta(root, settings, gen)
     todo = [i for i in range(k, num, n) if overwrite or not is_complete(root, i)]
     if len(todo) < len(range(k, num, n)):
         log.info("%s: %d of %d avatars already complete, continuing", root, len(range(k, num, n)) - len(todo),
