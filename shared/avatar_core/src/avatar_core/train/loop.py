@@ -191,6 +191,9 @@ class Trainer:
         if isinstance(self.data, DataLoader):
             self.data.set_epoch(epoch)  # seedable sampler: order = f(seed + epoch)
             return self.accelerator.skip_first_batches(self.data, skip) if skip else self.data
+        batches_from = getattr(self.data, "batches_from", None)
+        if batches_from is not None:  # a streaming loader (avatar_core.data.stream) skips by index, reading nothing
+            return (send_to_device(b, self.accelerator.device) for b in batches_from(epoch, skip))
         batches = self.data(epoch) if callable(self.data) else self.data
         return (send_to_device(b, self.accelerator.device) for b in itertools.islice(batches, skip, None))
 
