@@ -39,15 +39,27 @@ def triangular_guidance_scale(
     min_scale: float = 1.0,
     max_scale: float = 2.0,
     dtype: torch.dtype = torch.float32,
+    symmetric: bool = False,
 ) -> Tensor:  # [num_frames]
     """GAS's per-frame scale for novel views: rises linearly from min to max and falls back toward min.
 
     Frame ``h = num_frames // 2`` has ``max_scale``; frames after it follow linspace(max, min,
     num_frames - h + 1) from its second entry, so the last frame sits one step above ``min_scale``.
     This is GAS's novel-view schedule, whose hard-coded slice is this one at its 20 frames.
+
+    ``symmetric=True``: the triangle the paper describes for any length, ``min_scale`` at the first and the last
+    frame, ``max_scale`` in the middle (at both middle frames for an even count), mirror-symmetric in time:
+    ``max - (max - min) |2k / (n - 1) - 1|`` with ``k`` rounded onto the nearer middle frame.
     """
     if num_frames < 1:
         raise InputError(f"num_frames must be >= 1, got {num_frames}", "ask for at least one frame")
+    if symmetric:
+        if num_frames == 1:
+            return torch.tensor([min_scale], dtype=dtype)
+        k = torch.arange(num_frames, dtype=torch.float64)
+        # Distance to the nearer end, over the distance from an end to the (nearest) middle frame.
+        d = torch.minimum(k, num_frames - 1 - k) / max((num_frames - 1) // 2, 1)
+        return (min_scale + (max_scale - min_scale) * d.clamp(max=1.0)).to(dtype)
     half = num_frames // 2
     up = torch.linspace(min_scale, max_scale, half + 1, dtype=torch.float64)
     down = torch.linspace(max_scale, min_scale, num_frames - half + 1, dtype=torch.float64)[1 : num_frames - half]
