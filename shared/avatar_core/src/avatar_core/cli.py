@@ -77,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     make.set_defaults(func=_make_dataset)
+    from avatar_core.view import add_view_command
+
+    add_view_command(sub)
     return run(parser, argv)
 
 

@@ -1,0 +1,27 @@
+"""The results viewer (``avatar-core view``): discovery of what is under a path, scene arrays, the viser server.
+
+``viser`` is imported only when a server starts, so the rest of the kernel imports without it.
+"""
+
+from avatar_core.view.discover import LOOKED_FOR, Found, Result, discover
+from avatar_core.view.scene import Splats, density_points, read_metrics, splats_from_ply, splats_from_tensors
+from avatar_core.view.server import ViewerApp, free_port, serve
+
+__all__ = ["LOOKED_FOR", "Found", "Result", "discover", "Splats", "density_points", "read_metrics",
+           "splats_from_ply", "splats_from_tensors", "ViewerApp", "free_port", "serve", "add_view_command"]
+
+
+def add_view_command(sub, default_path: str | None = None, triplane_field=None, body: str | None = None,
+                     what: str = "results") -> None:
+    """Add the ``view`` sub-command to a console script's sub-parsers (every method CLI shares it)."""
+    p = sub.add_parser("view", help=f"look at {what} in the browser (serves on 127.0.0.1, prints the URL)")
+    p.add_argument("path", nargs="?" if default_path else None, default=default_path,
+                   help="a result folder, a run folder, a dataset folder or a .ply"
+                        + (f" (default: {default_path})" if default_path else ""))
+    p.add_argument("--port", type=int, default=8080, help="port (the next free one is taken if it is in use)")
+
+    def _view(args) -> int:
+        serve(args.path, port=args.port, triplane_field=triplane_field, body=body)
+        return 0
+
+    p.set_defaults(func=_view)
