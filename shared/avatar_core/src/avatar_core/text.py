@@ -12,7 +12,9 @@ The unconditional prompt. ``encode`` rejects empty or blank prompts, which are a
 caption). Classifier-free guidance needs the empty prompt on purpose: ask for it with :meth:`TextEncoder.encode_null`.
 
 Prompts longer than ``max_length`` tokens (special tokens included) are cut to it, and a
-:class:`PromptTruncatedWarning` says how many tokens were dropped.
+:class:`PromptTruncatedWarning` says how many tokens were dropped. A prompt of which the tokenizer knows no
+token (emoji for a WordPiece vocabulary: every piece is ``[UNK]``) conditions like the empty prompt; an
+:class:`UnknownTokensWarning` says so.
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ from torch import Tensor, nn
 from avatar_core.errors import InputError
 
 __all__ = ["TextEncoding", "TextEncoder", "MiniLMTextEncoder", "CLIPTextEncoder", "PromptTruncatedWarning",
-           "load_text_encoder"]
+           "UnknownTokensWarning", "load_text_encoder"]
 
 
 class PromptTruncatedWarning(UserWarning):
     """A prompt was longer than the text encoder's limit and was cut."""
+
+
+class UnknownTokensWarning(UserWarning):
+    """No token of a prompt is in the text encoder's vocabulary: the prompt carries no meaning for it."""
 
 
 class TextEncoding(NamedTuple):
@@ -88,7 +94,14 @@ class TextEncoder(nn.Module, abc.ABC):
         """Token ids and mask padded to ``max_length``; warns about every prompt that had to be cut."""
         if warn:
             full = self.tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+            unk = getattr(self.tokenizer, "unk_token_id", None)
+            special = set(getattr(self.tokenizer, "all_special_ids", [])) - {unk}
             for i, ids in enumerate(full):
+                content = [t for t in ids if t not in special]
+                if not content or (unk is not None and all(t == unk for t in content)):
+                    warnings.warn(f"{self.name} text encoder saw no known tokens in prompt {i} "
+                                  f"({prompts[i][:40]!r}): it conditions like an empty prompt; describe the "
+                                  "avatar in words", UnknownTokensWarning, stacklevel=3)
                 if len(ids) > self.max_length:
                     msg = (f"{self.name} text encoder: prompt {i} has {len(ids)} tokens, the limit is "
                            f"{self.max_length}; dropped the last {len(ids) - self.max_length} tokens "
