@@ -25,7 +25,7 @@ from avatar_core.data.stream import (
     StreamLoader,
     ViewsField,
 )
-from avatar_core.errors import ConfigError, CorruptFileError, MissingWeightsError
+from avatar_core.errors import ConfigError, CorruptFileError, InputError, MissingWeightsError
 from avatar_core.standins import Component, Requirement, StandIn, resolve
 from avatar_core.train import TrainConfig, Trainer
 
@@ -254,3 +254,28 @@ def test_allowed_standins_are_recorded(tmp_path):
         assert rec.env("AVATAR_TEST_KNOB") == "7" and rec.settings()["environment"] == {"AVATAR_TEST_KNOB": "7"}
     finally:
         del os.environ["AVATAR_TEST_KNOB"]
+
+
+def test_custom_order_and_per_epoch_transform_agree_across_workers(tmp_path):
+    import numpy as np
+
+    folder = _folder(tmp_path, _items())
+
+    def order(n, seed, epoch):
+        return np.random.default_rng([seed, 1, epoch]).permutation(n)
+
+    def pick(item, epoch):  # a per-epoch choice made inside the worker
+        return {**item, "choice": (item["index"] + 3 * epoch) % 4}
+
+    runs = []
+    for workers in (0, 2):
+        loader = StreamLoader(StreamDataset(folder.ids(), [RecordField(folder)], transform=pick), BATCH, SEED,
+                              num_workers=workers, order=order)
+        runs.append([(b["index"].tolist(), b["choice"].tolist(), b["epoch"].tolist()) for b in loader(3)])
+    assert runs[0] == runs[1]
+    perm = order(N, SEED, 3).tolist()
+    assert [i for idx, _, _ in runs[0] for i in idx] == perm
+    assert all(c == [(i + 9) % 4 for i in idx] and e == [3] * BATCH for idx, c, e in runs[0])
+    with pytest.raises(InputError, match="permutation"):
+        list(StreamLoader(StreamDataset(folder.ids(), [RecordField(folder)]), BATCH, SEED,
+                          order=lambda n, s, e: [0] * n)(0))

@@ -185,16 +185,21 @@ class ViewsField:
 # Dataset, order, loader
 # ---------------------------------------------------------------------------------------------------------------
 class StreamDataset(Dataset):
-    """Items ``{"index", "item_id", **field(item_id) for each field}`` read when asked, never all at once.
+    """Items ``{"index", "item_id", "epoch", **field(item_id) for each field}`` read when asked, never all at once.
+
+    Indexed by an int or by ``(index, epoch)`` (what :class:`EpochBatchSampler` yields), so per-epoch choices made
+    in ``transform`` (a caption variant, say) are pure functions of seed, epoch and index in any worker process.
 
     Args:
         ids: the item ids, in index order.
         fields: callables ``item_id -> dict`` merged in order (a later key must not repeat an earlier one).
         on_error: ``"stop"`` raises an error naming the item; ``"skip"`` returns None for it (logged once per
             item in each process), which :func:`collate_items` drops from its batch.
+        transform: ``(item, epoch) -> item`` applied after the fields.
     """
 
-    def __init__(self, ids: Sequence[str], fields: Sequence[Field], on_error: str = "stop"):
+    def __init__(self, ids: Sequence[str], fields: Sequence[Field], on_error: str = "stop",
+                 transform: Callable[[dict[str, Any], int], dict[str, Any]] | None = None):
         if on_error not in ON_ERROR:
             raise ConfigError(f"on_error={on_error!r}", f"use one of {ON_ERROR}")
         if not ids:
@@ -202,6 +207,7 @@ class StreamDataset(Dataset):
         self.ids = [str(i) for i in ids]
         self.fields = list(fields)
         self.on_error = on_error
+        self.transform = transform
         self._reported: set[str] = set()
 
     def __len__(self) -> int:
@@ -218,10 +224,12 @@ class StreamDataset(Dataset):
             out.update(part)
         return out
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        i, epoch = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
         item_id = self.ids[i]
         try:
-            return {"index": i, "item_id": item_id, **self.read(item_id)}
+            item = {"index": i, "item_id": item_id, "epoch": epoch, **self.read(item_id)}
+            return self.transform(item, epoch) if self.transform is not None else item
         except (AvatarError, OSError, ValueError, KeyError) as e:
             reason = e.message if isinstance(e, AvatarError) else f"{type(e).__name__}: {e}"
             if self.on_error == "stop":
@@ -250,15 +258,20 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> Tensor: 
     return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) * 1000003 + int(epoch)))
 
 
-class EpochBatchSampler(Sampler[list[int]]):
-    """This process's index batches of an epoch (:mod:`avatar_core.train.sharding`'s rule), from batch ``start`` on.
+Order = Callable[[int, int, int], Sequence[int]]
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This process's batches of ``(index, epoch)`` keys (:mod:`avatar_core.train.sharding`'s rule), from batch
+    ``start`` on. ``order(n, seed, epoch)`` gives the epoch's sample order (default :func:`epoch_order`).
 
     Call :meth:`set_epoch` (and :meth:`set_start` to resume mid-epoch) before iterating.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int | None = None,
-                 world_size: int | None = None):
+                 world_size: int | None = None, order: Order | None = None):
         self.n, self.batch_size, self.seed, self.shuffle = int(n), int(batch_size), int(seed), shuffle
+        self.order = order
         self.rank, self.world = process_shard(rank, world_size)
         bs = min(self.batch_size, self.n)
         if bs < self.world or bs % self.world:
@@ -273,11 +286,18 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.start = int(start)
 
     def global_batches(self, epoch: int) -> list[Tensor]:
-        return global_batches(epoch_order(self.n, self.seed, epoch, self.shuffle), self.batch_size)
+        if self.order is not None:
+            order = torch.as_tensor(list(self.order(self.n, self.seed, epoch)), dtype=torch.int64)
+            if sorted(order.tolist()) != list(range(self.n)):
+                raise InputError("the data order function did not return a permutation of the items",
+                                 "return each index in range(n) once")
+        else:
+            order = epoch_order(self.n, self.seed, epoch, self.shuffle)
+        return global_batches(order, self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for batch in self.global_batches(self.epoch)[self.start:]:
-            yield shard_batch(batch, self.rank, self.world).tolist()
+            yield [(i, self.epoch) for i in shard_batch(batch, self.rank, self.world).tolist()]
 
     def __len__(self) -> int:
         return max(len(self.global_batches(self.epoch)) - self.start, 0)
@@ -293,15 +313,16 @@ class StreamLoader:
         num_workers: DataLoader worker processes (0: read in the training process).
         prefetch_factor: batches each worker reads ahead.
         pin_memory: page-locked batches for faster host-to-GPU copies.
+        order: ``(n, seed, epoch) -> permutation`` (default :func:`epoch_order`).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, num_workers: int = 0,
                  prefetch_factor: int = 2, pin_memory: bool = False, rank: int | None = None,
-                 world_size: int | None = None):
+                 world_size: int | None = None, order: Order | None = None):
         if num_workers < 0:
             raise ConfigError(f"num_workers={num_workers}", "use 0 (read in the training process) or more")
         self.dataset = dataset
-        self.sampler = EpochBatchSampler(len(dataset), batch_size, seed, shuffle, rank, world_size)
+        self.sampler = EpochBatchSampler(len(dataset), batch_size, seed, shuffle, rank, world_size, order)
         self.seed = int(seed)
         extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers else {}
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers,
