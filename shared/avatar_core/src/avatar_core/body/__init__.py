@@ -18,6 +18,14 @@ from avatar_core.body.model import (
     unskin_points,
     vertex_normals,
 )
+from avatar_core.body.skinning import (
+    SurfaceBinding,
+    bind_to_surface,
+    nearest_surface,
+    pose_correctives,
+    skin_gaussians,
+    unskin_gaussians,
+)
 from avatar_core.body.uv import UVMapper
 from avatar_core.errors import ConfigError
 
@@ -53,14 +61,20 @@ __all__ = [
     "BODY_MODELS",
     "OPENPOSE_18",
     "PART_NAMES",
+    "SurfaceBinding",
     "UVMapper",
     "BodyModel",
     "BodyOutput",
     "axis_angle_to_matrix",
+    "bind_to_surface",
     "forward_kinematics",
     "interpolate_on_faces",
     "load_body_model",
+    "nearest_surface",
+    "pose_correctives",
+    "skin_gaussians",
     "skin_points",
+    "unskin_gaussians",
     "unskin_points",
     "vertex_normals",
 ]

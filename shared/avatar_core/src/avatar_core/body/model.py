@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from avatar_core.errors import InputError
+from avatar_core.rotations import axis_angle_to_matrix
 
 #: OpenPose's 18 COCO keypoints, in OpenPose's order.
 OPENPOSE_18: tuple[str, ...] = (
@@ -55,20 +56,6 @@ class BodyOutput:
 # --------------------------------------------------------------------------------------------------
 # Shared maths
 # --------------------------------------------------------------------------------------------------
-
-
-def axis_angle_to_matrix(axis_angle: Tensor) -> Tensor:  # [..., 3] -> [..., 3, 3]
-    """Rodrigues' formula, with Taylor expansions near zero so gradients stay finite at the rest pose."""
-    theta2 = (axis_angle * axis_angle).sum(-1, keepdim=True)[..., None]  # [..., 1, 1]
-    small = theta2 < 1e-8
-    theta = torch.sqrt(theta2.clamp_min(1e-8))
-    sin_over = torch.where(small, 1.0 - theta2 / 6.0, torch.sin(theta) / theta)
-    one_minus_cos_over = torch.where(small, 0.5 - theta2 / 24.0, (1.0 - torch.cos(theta)) / theta2.clamp_min(1e-8))
-    x, y, z = axis_angle.unbind(-1)
-    zero = torch.zeros_like(x)
-    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(axis_angle.shape + (3,))
-    eye = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device)
-    return eye + sin_over * k + one_minus_cos_over * (k @ k)
 
 
 def rotations_from_pose(pose: Tensor, matrices: bool) -> Tensor:
