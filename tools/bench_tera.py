@@ -23,11 +23,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tera import avatars, stage2
+from tera import evaluate as E
 from tera import pipeline as P
 from tera.config import CONFIG_DIR, load_config
 from tera.distill import DistillationDecoder
 from tera.latent_diffusion import StructuredLatentDiffusion, build_unet
 from tera.text import TextCondition
+from tera.uv_gaussians import ATTRIBUTE_SLICES
 
 RTX3090_FP32 = 35.6e12
 RTX3090_FP16_TENSOR = 71.0e12
@@ -43,8 +46,8 @@ def tiny_models(cfg, run_dir: str | None):
     avatar = P.build_avatar(cfg)
     decoder = DistillationDecoder(t.channels, d.upsample_factor, d.hidden_channels, t.geometry_channels,
                                   t.geometry_hidden, t.texture_hidden).eval()
-    text = P._text(cfg, torch.device("cpu"))
-    model = StructuredLatentDiffusion(P._unet_config(cfg, t.channels, d.latent_resolution, text.dim), text=text,
+    text = stage2.text_conditioner(cfg, torch.device("cpu"))
+    model = StructuredLatentDiffusion(stage2.unet_config(cfg, t.channels, d.latent_resolution, text.dim), text=text,
                                       sample_steps=100).eval()
     return avatar, decoder, model
 
@@ -52,7 +55,7 @@ def tiny_models(cfg, run_dir: str | None):
 def bench_tiny(cfg, run_dir: str | None, repeats: int) -> dict[str, float]:
     avatar, decoder, model = tiny_models(cfg, run_dir)
     cond = model.encode_text(["a woman in a red dress"])  # encoded once: the text encoder is not the UNet's cost
-    cams = P.turntable_cameras(cfg, 1, [0.0, 0.0, 0.0], 256)
+    cams = avatars.turntable_cameras(cfg, 1, [0.0, 0.0, 0.0], 256)
     times: dict[str, list[float]] = {"sample_100_ddpm": [], "decode": [], "render_256": [], "total": []}
     for r in range(repeats + 1):  # the first round warms up (allocations, kernel caches) and is not counted
         t0 = time.perf_counter()
@@ -62,7 +65,7 @@ def bench_tiny(cfg, run_dir: str | None, repeats: int) -> dict[str, float]:
             maps = decoder(latent)
             g = avatar(maps)
             t2 = time.perf_counter()
-            cams_c = P.turntable_cameras(cfg, 1, P.body_centre(g.means[0]), 256)
+            cams_c = avatars.turntable_cameras(cfg, 1, avatars.body_centre(g.means[0]), 256)
             avatar.render(g, cams_c)
         t3 = time.perf_counter()
         if r:
@@ -87,7 +90,7 @@ def bench_samplers(cfg, run_dir: str | None, ddim_steps: list[int], seeds: int,
     """
     avatar, decoder, model = tiny_models(cfg, run_dir)
     parts = avatar.uv_mapper.part_masks()
-    rgb = P.ATTRIBUTE_SLICES["rgb"]
+    rgb = ATTRIBUTE_SLICES["rgb"]
     conds = {p: model.encode_text([p]) for p in prompts}
     rows, ref = [], {}
     for sampler, steps in [("ddpm", 100)] + [("ddim", n) for n in ddim_steps]:
@@ -101,7 +104,7 @@ def bench_samplers(cfg, run_dir: str | None, ddim_steps: list[int], seeds: int,
                 times.append(time.perf_counter() - t0)
                 with torch.no_grad():
                     colour = decoder(latent)[0, rgb].cpu()  # [3, R, R], as evaluate scores it
-                scores += list(P.score_colour_map(colour, parts, P.parse_prompt(p)).values())
+                scores += list(E.score_colour_map(colour, parts, E.parse_prompt(p)).values())
                 if sampler == "ddpm":
                     ref[p, s] = colour
                 diffs.append(float((colour - ref[p, s]).abs().mean()))
@@ -117,7 +120,7 @@ def bench_samplers(cfg, run_dir: str | None, ddim_steps: list[int], seeds: int,
 def paper_flops() -> dict[str, float]:
     cfg = load_config(CONFIG_DIR / "paper.yaml")
     t, d = cfg.teacher, cfg.distill
-    unet_cfg = P._unet_config(cfg, t.channels, d.latent_resolution, 768)
+    unet_cfg = stage2.unet_config(cfg, t.channels, d.latent_resolution, 768)
     with torch.device("meta"):
         unet = build_unet(unet_cfg)
         decoder = DistillationDecoder(t.channels, d.upsample_factor, d.hidden_channels, t.geometry_channels,

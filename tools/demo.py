@@ -1,22 +1,30 @@
 """`make demo`: run the toolkit on the embedded defaults and leave viewable results.
 
-Kernel part: the Anny body as a UV-structured 3D Gaussian avatar (one Gaussian per texel of its UV
-map, coloured by body part), rendered by the kernel's rasterizer as a turntable video, exported as a 3DGS PLY
-that splat viewers open, and animated by skinning. TeRA part: a tiny text-to-avatar model trained on a few
-synthetic avatars, three generations from prompts, one try-on edit and one animation (under ``tera/``). RodinHD
-part: triplanes fitted to a few synthetic avatars, a tiny base + upsample cascade, and one avatar sampled from a
-held-out portrait with its turntable (under ``rodinhd/``).
+The convention every part follows (the kernel here, then each method package):
 
-Everything goes to ``--out``: ``environment.txt``, ``body_turntable.mp4``, ``body_views.png``,
-``body_avatar.ply``, ``body_animation.mp4`` and ``summary.json``.
+- A method package NAME has a module ``NAME.demo`` with ``run(out: pathlib.Path, *, smallest: bool = False) -> dict``.
+  It trains or builds what it shows inside ``out`` (= ``--out/NAME``), writes viewable files there (turntables,
+  PLY files, images), and returns a JSON-able dict (paths, timings, notes) that goes into ``summary.json`` under
+  ``NAME``. ``smallest=True`` runs every step at the smallest size that still exercises it (a smoke test for
+  ``tests/test_demo.py``, seconds per part); the default is the demo scale (a minute or two per part on a CPU).
+- This script runs the kernel part, then ``NAME.demo.run`` of every package in :data:`PACKAGES` that is installed,
+  in that order; ``--parts`` picks a subset. A package that is not installed, or has no ``demo`` module yet, is
+  skipped with a line saying so.
+
+Kernel part: the Anny body as a UV-structured 3D Gaussian avatar (one Gaussian per texel of its UV map, coloured by
+body part), rendered by the kernel's rasterizer as a turntable video, exported as a 3DGS PLY that splat viewers
+open, and animated by skinning: ``environment.txt``, ``body_turntable.mp4``, ``body_views.png``,
+``body_avatar.ply``, ``body_animation.mp4``, and ``summary.json`` for all parts.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -95,14 +103,39 @@ def kernel_demo(out: Path, resolution: int, size: int, frames: int) -> dict[str,
             "ply": str(ply), "animation": str(anim)}
 
 
+#: Method packages whose ``demo`` module runs after the kernel part, in this order.
+PACKAGES = ("tera", "rodinhd", "gaussianip", "gas")
+#: The kernel part's sizes at ``--smallest``.
+SMALLEST_KERNEL = {"uv_res": 64, "size": 64, "frames": 4}
+
+
+def package_demo(name: str) -> ModuleType | None:
+    """``NAME.demo`` when the package is installed and has one; None otherwise (a broken import still raises)."""
+    try:
+        return importlib.import_module(f"{name}.demo")
+    except ModuleNotFoundError as err:
+        if err.name in (name, f"{name}.demo"):
+            return None
+        raise
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--uv-res", type=int, default=256, help="UV resolution: one Gaussian per valid texel")
-    parser.add_argument("--size", type=int, default=256, help="rendered image size in pixels")
-    parser.add_argument("--frames", type=int, default=24)
-    parser.add_argument("--parts", default="kernel,tera,rodinhd", help="comma-separated parts (kernel, tera, rodinhd)")
+    parser.add_argument("--uv-res", type=int, default=256, help="kernel part: one Gaussian per valid UV texel")
+    parser.add_argument("--size", type=int, default=256, help="kernel part: rendered image size in pixels")
+    parser.add_argument("--frames", type=int, default=24, help="kernel part: turntable and animation frames")
+    parser.add_argument("--parts", default=",".join(("kernel",) + PACKAGES),
+                        help="comma-separated parts to run (kernel and package names; default: all)")
+    parser.add_argument("--smallest", action="store_true",
+                        help="every part at its smallest size (a smoke test; overrides --uv-res/--size/--frames)")
     args = parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - {"kernel", *PACKAGES})
+    if unknown:
+        parser.error(f"unknown demo parts {unknown}; choose from kernel, {', '.join(PACKAGES)}")
+    if args.smallest:
+        args.uv_res, args.size, args.frames = (SMALLEST_KERNEL[k] for k in ("uv_res", "size", "frames"))
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     summary: dict[str, object] = {}
@@ -112,40 +145,22 @@ def main() -> int:
     print(report)
     summary["environment"] = str(args.out / "environment.txt")
 
-    parts = set(args.parts.split(","))
-    unknown = parts - {"kernel", "tera", "rodinhd"}
-    if unknown:
-        parser.error(f"unknown demo parts {sorted(unknown)}; choose from kernel, tera, rodinhd")
     if "kernel" in parts:
         t = time.time()
         summary["kernel"] = kernel_demo(args.out, args.uv_res, args.size, args.frames)
         summary["kernel"]["seconds"] = f"{time.time() - t:.1f}"
         print(f"\nkernel: UV Gaussian avatar, turntable, PLY and animation in {time.time() - t:.1f} s")
-    if "tera" in parts:
-        from tera.pipeline import demo_part as tera_demo
-
+    for name in PACKAGES:
+        if name not in parts:
+            continue
+        module = package_demo(name)
+        if module is None:
+            print(f"{name}: skipped (not installed, or no {name}.demo module)")
+            summary[name] = "skipped: not installed or no demo module"
+            continue
         t = time.time()
-        summary["tera"] = tera_demo(args.out / "tera")
-        print(f"tera: tiny text-to-avatar model trained, 3 prompts generated, one try-on edit, one animation "
-              f"in {time.time() - t:.1f} s ({args.out / 'tera'})")
-
-    if "rodinhd" in parts:
-        from rodinhd.pipeline import DEMO_OVERRIDES, load_rodinhd_config, render_file
-        from rodinhd.pipeline import demo_part as rodinhd_demo
-
-        t = time.time()
-        run = args.out / "rodinhd"
-        summary["rodinhd"] = rodinhd_demo(run)
-        # The fitted triplane of a training avatar shows what the shared decoder and stage 2 learned; the sampled
-        # avatar comes from a cascade trained for seconds, so at this scale it is a smoke test of the pipeline
-        # (`make train-rodinhd` trains long enough to generate whole bodies).
-        fitted = render_file(load_rodinhd_config("tiny", list(DEMO_OVERRIDES)), run,
-                             run / "triplanes" / "000000.safetensors", run / "fitted_000000")
-        summary["rodinhd"]["fitted_views"] = fitted["grid"]
-        summary["rodinhd"]["note"] = ("demo-scale cascade: the sample is a pipeline smoke test, not a result; "
-                                      "run make train-rodinhd for a trained model")
-        print(f"rodinhd: triplanes fitted ({fitted['grid']}), tiny cascade trained, one avatar sampled from a held-out "
-              f"portrait ({summary['rodinhd']['views']}) in {time.time() - t:.1f} s")
+        summary[name] = module.run(args.out / name, smallest=args.smallest)
+        print(f"{name}: demo part done in {time.time() - t:.1f} s ({args.out / name})")
 
     summary["seconds"] = round(time.time() - t0, 2)
     save_json(args.out / "summary.json", summary)

@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from avatar_core.errors import MissingWeightsError
-from tera import pipeline as P
+from tera import evaluate as P
 
 
 def _tokenizer() -> CLIPTokenizer:

@@ -11,6 +11,7 @@ import torch
 
 from avatar_core.errors import ConfigError, InputError, MissingFileError
 from avatar_core.io import load_ply, load_tensors, save_tensors
+from tera import evaluate as E
 from tera import pipeline as P
 from tera.config import CONFIG_DIR, load_config
 
@@ -50,7 +51,7 @@ def test_end_to_end_outputs(run):
     torch.testing.assert_close(torch.as_tensor(ply.means).float(), g.means[0].float(), atol=1e-5, rtol=0)
     assert meta["prompt"] == "a woman in a red dress" and meta["body"] == cfg.body.name
     # A seed fixes the sample: generating again gives the same latent bit for bit.
-    again = P.sample_latents(models, ["a woman in a red dress"], 3, **P._sampling(cfg))[0].cpu()
+    again = P.sample_latents(models, ["a woman in a red dress"], 3, **P.sampling(cfg))[0].cpu()
     torch.testing.assert_close(again, latent, atol=0, rtol=0)
 
 
@@ -108,9 +109,9 @@ def test_prompt_scorer_reads_palette_colours():
     """The evaluation's scorer against maps painted with known colours (UV part masks from the body)."""
     avatar = P.build_avatar(load_config(None, ["body.num_points=800"]))
     parts = avatar.uv_mapper.part_masks()
-    assert P.parse_prompt("a man in a green striped shirt and black trousers") == {
+    assert E.parse_prompt("a man in a green striped shirt and black trousers") == {
         "top_type": "shirt", "top_colour": "green", "bottom_type": "trousers", "bottom_colour": "black"}
-    assert P.parse_prompt("a woman in a light blue dress") == {"top_type": "dress", "top_colour": "light blue"}
+    assert E.parse_prompt("a woman in a light blue dress") == {"top_type": "dress", "top_colour": "light blue"}
     from avatar_core.data.appearance import GARMENT_COLOURS
 
     R = 64
@@ -123,10 +124,10 @@ def test_prompt_scorer_reads_palette_colours():
 
     paint(["upper_body", "arms"], "green")
     paint(["lower_body", "legs"], "black")
-    asked = P.parse_prompt("a man in a green shirt and black trousers")
-    assert P.score_colour_map(rgb, parts, asked) == {"top_colour": 1.0, "bottom_colour": 1.0, "top_type": 1.0,
+    asked = E.parse_prompt("a man in a green shirt and black trousers")
+    assert E.score_colour_map(rgb, parts, asked) == {"top_colour": 1.0, "bottom_colour": 1.0, "top_type": 1.0,
                                                      "bottom_type": 1.0}
-    wrong = P.score_colour_map(rgb, parts, P.parse_prompt("a woman in a red dress"))
+    wrong = E.score_colour_map(rgb, parts, E.parse_prompt("a woman in a red dress"))
     assert wrong == {"top_colour": 0.0, "top_type": 0.0}
 
 

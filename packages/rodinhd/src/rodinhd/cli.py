@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from avatar_core.cli import make_parser, run
+from avatar_core.cli import add_config_arguments, check_overrides, make_parser, run
 from avatar_core.errors import InputError
 from rodinhd import __doc__ as DESCRIPTION
 from rodinhd import __version__
@@ -20,34 +20,16 @@ from rodinhd import __version__
 DEFAULT_OUT = "outputs/rodinhd"
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """A sub-command parser that lets ``key=value`` overrides and a positional file sit before or after options
-    (``rodinhd render FILE --out RUN a.b=1``), which plain argparse splits into unrecognised chunks."""
-
-    _inside = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._inside:  # the intermixed parser calls back into this method for its two passes
-            return super().parse_known_args(args, namespace)
-        self._inside = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inside = False
-
-
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny",
-                   help="YAML config: a path, or 'tiny' / 'paper' from the package's configs folder (default: tiny)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default: {DEFAULT_OUT})")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stage2.iterations=500")
+    add_config_arguments(p)
 
 
 def _cfg(args: argparse.Namespace):
     from rodinhd.config import load_rodinhd_config
 
-    return load_rodinhd_config(args.config, args.overrides)
+    return load_rodinhd_config(args.config, check_overrides(args.overrides))
 
 
 def _print(result) -> None:
@@ -127,7 +109,6 @@ def _train_all(args):
 
 def build_parser() -> argparse.ArgumentParser:
     parser, sub = make_parser("rodinhd", DESCRIPTION, __version__)
-    sub._parser_class = _IntermixedParser  # the sub-commands added below parse intermixed arguments
     p = sub.add_parser("fit-shared", help="stage 1: fit triplanes and the shared decoder (task replay + IWC)")
     _common(p)
     p.set_defaults(func=_fit_shared)

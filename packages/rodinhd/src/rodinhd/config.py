@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avatar_core.cli import package_config_dir, resolve_config
 from avatar_core.config import load_config
-from avatar_core.errors import MissingFileError
 
 __all__ = [
     "CONFIG_DIR",
@@ -39,8 +39,7 @@ __all__ = [
 
 #: The package's shipped configs (``tiny.yaml``, ``paper.yaml``): inside the package in a wheel, beside ``src/`` in a
 #: checkout or an editable install.
-CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parents[2] / "configs")
-                   if d.is_dir()), Path(__file__).resolve().parents[2] / "configs")
+CONFIG_DIR = package_config_dir(__file__)
 
 
 @dataclass
@@ -338,17 +337,7 @@ class RodinHDConfig:
 
 def config_path(name_or_path: str | os.PathLike | None) -> Path:
     """A config file: a path, or the name of a shipped one (``tiny``, ``paper``, with or without ``.yaml``)."""
-    if name_or_path is None or str(name_or_path) == "":
-        name_or_path = "tiny"
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    shipped = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
-    if p.parent == Path(".") and shipped.is_file():
-        return shipped
-    raise MissingFileError(f"config file not found: {name_or_path}",
-                           f"pass a YAML path or one of the shipped configs in {CONFIG_DIR}: "
-                           f"{', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml'))) or 'none found'}")
+    return resolve_config(name_or_path, CONFIG_DIR)
 
 
 def load_rodinhd_config(config: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:

@@ -5,6 +5,8 @@
 * :func:`load_portrait` -- a user's portrait file, validated (an image, square, RGBA) with errors that say what
   to do.
 * :func:`downsample_triplanes` -- the low-resolution triplanes the base model learns (area average per plane).
+* :func:`prepare_data` / :func:`open_data` -- a run's dataset (``data.root``, else ``<out>/data``), written when
+  missing and opened with its training / held-out split.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,10 @@ from avatar_core.data import AvatarDataset
 from avatar_core.errors import InputError, MissingFileError
 from avatar_core.io import load_image
 
-__all__ = ["AvatarViews", "load_portrait", "downsample_triplanes", "MIN_PORTRAIT_SIZE"]
+if TYPE_CHECKING:
+    from rodinhd.config import RodinHDConfig
+
+__all__ = ["AvatarViews", "load_portrait", "downsample_triplanes", "MIN_PORTRAIT_SIZE", "open_data", "prepare_data"]
 
 #: Smallest portrait side accepted (the three feature scales H/2, H/4, H/8 need at least 8 px per patch row).
 MIN_PORTRAIT_SIZE = 32
@@ -133,3 +139,27 @@ def downsample_triplanes(
                          "set base.resolution <= triplane.resolution")
     x = F.interpolate(planes.reshape(N * three, C, R, R), size=(resolution, resolution), mode="area")
     return x.reshape(N, three, C, resolution, resolution)
+
+
+def _data_root(cfg: RodinHDConfig, out: Path) -> Path:
+    return Path(cfg.data.root) if cfg.data.root else out / "data"
+
+
+def prepare_data(cfg: RodinHDConfig, out: str | os.PathLike, progress: bool = True) -> Path:
+    """Write the synthetic dataset described by ``cfg.data`` unless it is already complete (the generator resumes)."""
+    from avatar_core.data import generate_dataset
+
+    root = _data_root(cfg, Path(out))
+    d = cfg.data
+    return generate_dataset(root, num=d.num_avatars, views=d.views, res=d.res, seed=d.seed, uv_res=d.uv_res,
+                            progress=progress)
+
+
+def open_data(cfg: RodinHDConfig, out: str | os.PathLike) -> AvatarViews:
+    """The dataset of this run (``data.root``, else ``<out>/data``), split into training and held-out avatars."""
+    root = _data_root(cfg, Path(out))
+    if not (root / "meta.json").is_file():
+        raise MissingFileError(f"no avatar dataset at {root}",
+                               f"run `rodinhd train-all --out {out}` (it writes one), or `avatar-core make-dataset "
+                               f"--out {root} --num N`, or set data.root=DIR")
+    return AvatarViews(root, held_out=cfg.data.held_out)

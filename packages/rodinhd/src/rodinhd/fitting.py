@@ -39,6 +39,7 @@ from avatar_core.metrics import psnr as psnr_fn
 from avatar_core.metrics import ssim as ssim_fn
 from avatar_core.render.occupancy import OccupancyGrid
 from avatar_core.render.rays import generate_rays, sample_pixels
+from avatar_core.train.sharding import process_shard
 from rodinhd.decoder import TriplaneDecoder
 from rodinhd.renderer import TriplaneField, build_occupancy_grid, render_triplane_rays, render_views
 from rodinhd.triplane import TriplaneStore, init_triplane
@@ -475,20 +476,6 @@ def _check_same_config(saved: dict, current: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 2
 # ---------------------------------------------------------------------------------------------------------------
-def process_shard(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world_size) of this process: explicit values, else torch.distributed, else the launcher's
-    ``RANK``/``WORLD_SIZE`` environment (torchrun, ``accelerate launch``), else (0, 1)."""
-    if rank is None or world_size is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        else:
-            rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-            world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise InputError(f"invalid shard rank={rank} of world_size={world_size}", "use 0 <= rank < world_size")
-    return rank, world_size
-
-
 def fit_triplanes(
     get_views: GetViews,
     avatar_ids: Sequence[str],

@@ -1,18 +1,17 @@
 """The ``tera`` console script: parses arguments and calls :mod:`tera.pipeline`.
 
-Every sub-command takes ``--config`` (default: the package's ``configs/tiny.yaml``) and trailing ``key=value``
-overrides, e.g. ``tera train --config configs/paper.yaml diffusion.lr=5e-5``.
+Every sub-command takes ``--config`` (a YAML path, or ``tiny`` / ``paper`` from the package's configs; default
+``tiny``) and ``key=value`` overrides anywhere on the line, e.g. ``tera train --config paper diffusion.lr=5e-5``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Sequence
 
-from avatar_core.cli import make_parser, run
+from avatar_core.cli import add_config_arguments, check_overrides, make_parser, run
 from tera import __doc__ as DESCRIPTION
 from tera import __version__
 
@@ -20,7 +19,7 @@ from tera import __version__
 def _config(args: argparse.Namespace):
     from tera.config import load_config
 
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, check_overrides(args.overrides))
 
 
 def _print(result: dict) -> None:
@@ -83,30 +82,25 @@ def _evaluate(args):
 def build_parser() -> argparse.ArgumentParser:
     parser, sub = make_parser("tera", DESCRIPTION, __version__)
 
+    commands = []
+
     def command(name: str, help_: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", default=None, help="YAML config (default: the package's configs/tiny.yaml)")
         p.set_defaults(func=func)
+        commands.append(p)
         return p
-
-    def overrides(p: argparse.ArgumentParser) -> None:
-        # Overrides are taken out of argv before parsing (main), so they may stand anywhere on the line.
-        p.epilog = "Trailing key=value arguments override config values, e.g. diffusion.lr=1e-4 run_dir=outputs/x."
 
     p = command("fit-teacher", "fit the project's teacher UV features to the dataset (or check IDOL features)",
                 _fit_teacher)
     p.add_argument("--make-dataset", action="store_true", help="write the synthetic dataset first if missing")
-    overrides(p)
     for name, help_, func in (("distill", "stage 1: train the distillation decoder on teacher latents", _distill),
                               ("train", "stage 2: train the text-conditioned latent diffusion", _train)):
         p = command(name, help_, func)
         p.add_argument("--restart", action="store_true", help="ignore existing checkpoints (default: resume)")
-        overrides(p)
     p = command("generate", "text -> avatar (PLY, turntable, attribute maps, latent, settings)", _generate)
     p.add_argument("prompt", help='e.g. "a woman in a red dress"')
     p.add_argument("--out", default=None, help="output folder (default: <run_dir>/avatars/<prompt>)")
     p.add_argument("--seed", type=int, default=None)
-    overrides(p)
     p = command("edit", "try-on: regenerate a body region of an avatar under a new prompt", _edit)
     p.add_argument("avatar", help="avatar folder or its avatar.safetensors")
     p.add_argument("prompt")
@@ -114,42 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("inpaint", "replace"), default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=None)
-    overrides(p)
     p = command("animate", "a clip of the avatar with a built-in motion", _animate)
     p.add_argument("avatar")
     p.add_argument("--motion", default=None, help="walk or wave")
     p.add_argument("--out", default=None, help="video path (default: <avatar>/<motion>.mp4)")
-    overrides(p)
     p = command("export", "canonical PLY + attribute maps (+ posed PLY frames with --motion)", _export)
     p.add_argument("avatar")
     p.add_argument("--out", required=True)
     p.add_argument("--motion", default=None)
-    overrides(p)
     p = command("evaluate", "text faithfulness, editing errors, latent-resolution ablation", _evaluate)
     p.add_argument("--out", default=None)
     p.add_argument("--no-ablation", action="store_true")
-    overrides(p)
+    for p in commands:  # after each command's own positionals: the overrides take what is left
+        add_config_arguments(p)
     return parser
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
-
-
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``key=value`` tokens (config overrides) apart from the rest of the command line."""
-    rest, overrides = [], []
-    for i, tok in enumerate(argv):
-        after_option = i > 0 and argv[i - 1] in ("--config", "--out", "--region", "--motion", "--method", "--seed")
-        (overrides if _OVERRIDE.match(tok) and not after_option else rest).append(tok)
-    return rest, overrides
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    rest, overrides = split_overrides(argv)
-    parser = build_parser()
-    parser.set_defaults(overrides=overrides)
-    return run(parser, rest)
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

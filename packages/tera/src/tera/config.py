@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avatar_core.cli import package_config_dir, resolve_config
 from avatar_core.config import load_config as _load_config
 from avatar_core.train import TrainConfig
 
-#: The package's configs folder (paper.yaml, tiny.yaml).
-# Inside the package in a wheel; beside src/ in a checkout or an editable install.
-CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parents[2] / "configs")
-                   if d.is_dir()), Path(__file__).resolve().parents[2] / "configs")
+#: The package's configs folder (paper.yaml, tiny.yaml): inside the package in a wheel, beside src/ in a checkout.
+CONFIG_DIR = package_config_dir(__file__)
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 
 
@@ -288,8 +287,9 @@ class TeraConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TeraConfig:
-    """The config of ``path`` (default ``configs/tiny.yaml``) with ``key=value`` overrides; unknown keys raise."""
-    return _load_config(TeraConfig, [Path(path) if path else DEFAULT_CONFIG], list(overrides))
+    """The config of ``path`` (a YAML path, or ``tiny`` / ``paper`` from the package's configs; default ``tiny``)
+    with ``key=value`` overrides; unknown keys raise."""
+    return _load_config(TeraConfig, [resolve_config(path, CONFIG_DIR)], list(overrides))
 
 
 __all__ = [

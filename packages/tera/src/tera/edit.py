@@ -32,7 +32,8 @@ from avatar_core.errors import InputError
 from tera.latent_diffusion import StructuredLatentDiffusion
 from tera.text import TextCondition
 
-__all__ = ["EDIT_METHODS", "RESIZE_RULES", "TRYON_REGIONS", "edit", "region_mask", "region_names", "seam_gradient"]
+__all__ = ["EDIT_METHODS", "RESIZE_RULES", "TRYON_REGIONS", "edit", "parse_regions", "region_mask", "region_names",
+           "region_parts", "seam_gradient"]
 
 #: Try-on regions as unions of the kernel's body parts (avatar_core.body.model.PART_NAMES); each part is also a
 #: region under its own name.
@@ -53,7 +54,7 @@ def region_names() -> list[str]:
     return list(TRYON_REGIONS)
 
 
-def _parse_names(names: str | Sequence[str]) -> list[str]:
+def parse_regions(names: str | Sequence[str]) -> list[str]:
     """'upper_clothes+shoes', 'upper_clothes,shoes' or a list; unknown names raise with the valid ones listed."""
     if isinstance(names, str):
         names = [n for n in names.replace(",", "+").split("+")]
@@ -65,6 +66,11 @@ def _parse_names(names: str | Sequence[str]) -> list[str]:
         raise InputError(f"unknown region(s) {', '.join(map(repr, unknown))}",
                          f"valid regions: {', '.join(region_names())} (join several with '+')")
     return names
+
+
+def region_parts(names: str | Sequence[str]) -> list[str]:
+    """The kernel body parts (sorted) that a union of named regions covers, e.g. 'shoes' -> ['feet']."""
+    return sorted({p for n in parse_regions(names) for p in TRYON_REGIONS[n]})
 
 
 def region_mask(
@@ -79,7 +85,7 @@ def region_mask(
         raise InputError(f"unknown mask resize rule {rule!r}", f"use one of: {', '.join(RESIZE_RULES)}")
     if int(dilate) < 0:
         raise InputError(f"dilate must be >= 0 cells, got {dilate}", "pass 0 for no growth")
-    parts = sorted({p for n in _parse_names(names) for p in TRYON_REGIONS[n]})
+    parts = region_parts(names)
     missing = [p for p in parts if p not in part_masks]
     if missing:
         raise InputError(f"part masks lack {', '.join(missing)}",

@@ -7,35 +7,45 @@ On-disk layout (one file per avatar, in one folder)::
         <avatar_id>.npy           or a NumPy array [32, H, W] of the same meaning
         decoder.safetensors       (fitted teacher only) its UV decoder, for resuming
 
-IDOL (REFERENCE_NOTES) writes 32 x 1536 x 1536 tanh-bounded UV features from its Sapiens encoder; export them
+IDOL (Zhuang et al. 2025, github.com/yiyuzhuang/IDOL @ 69b6df7) writes 32 x 1536 x 1536 tanh-bounded UV features from its Sapiens encoder; export them
 per avatar under the avatar's id in this layout. Rows follow the kernel's UV convention (row 0 is v = 1, the top
 of the UV image). Without IDOL, :class:`TeacherFitter` produces the same layout by auto-decoding: per-avatar UV
 feature maps optimised jointly with an IDOL-style UV decoder (:class:`tera.uv_gaussians.UVDecoder`) to reproduce
-the avatar's multi-view renders with IDOL's losses (lambda_mse 20, lambda_lpips 10, lambda_offset 1).
+the avatar's multi-view renders with IDOL's losses (lambda_mse 20, lambda_lpips 10, lambda_offset 1). The
+dataset's views show each avatar in its own shape and pose, so each fit takes that avatar's posed body: the
+canonical Gaussians are skinned onto it before rendering. :func:`fit_teacher` is the ``tera fit-teacher`` stage.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from avatar_core.body import BodyOutput
 from avatar_core.cameras import Cameras
-from avatar_core.errors import CorruptFileError, InputError, MissingFileError
+from avatar_core.env import resolve_device
+from avatar_core.errors import ConfigError, CorruptFileError, InputError, MissingFileError
 from avatar_core.io import load_tensors, save_tensors
-from tera.distill import PerceptualLoss, render_loss
+from tera.config import TeraConfig
+from tera.data import TeraDataset, training_views
+from tera.distill import PerceptualLoss, features_to_latent, render_loss
+from tera.runs import build_avatar, load_dataset, perceptual, posed_render, run_paths, uv_decoder
 from tera.uv_gaussians import UVDecoder, UVGaussianAvatar, composite
 
 FEATURE_KEY = "uv_features"
 FEATURE_CHANNELS = 32
 DECODER_FILE = "decoder.safetensors"
 
-#: Views for one avatar: RGBA images ``[V, H, W, 4]`` in [0, 1] and their V cameras.
-ViewsFn = Callable[[str], tuple[Tensor, Cameras]]
+#: Views for one avatar: RGBA images ``[V, H, W, 4]`` in [0, 1], their V cameras, and the posed body the
+#: views show (None: the canonical body).
+ViewsFn = Callable[[str], tuple[Tensor, Cameras] | tuple[Tensor, Cameras, BodyOutput | None]]
 
 
 class TeacherFeatureStore:
@@ -143,6 +153,8 @@ class TeacherFitter:
         grad_clip: gradient-norm clip (IDOL 10).
         background: colour behind the avatar, for renders and RGBA targets.
         seed: feature initialisation and view sampling.
+        init_scale: standard deviation of the features' free parameters at the start (0.1). 0 starts every
+            avatar at zero, so texels no Gaussian reads stay 0 instead of keeping random values a latent would carry.
     """
 
     def __init__(
@@ -161,6 +173,7 @@ class TeacherFitter:
         grad_clip: float = 10.0,
         background: Sequence[float] = (1.0, 1.0, 1.0),
         seed: int = 0,
+        init_scale: float = 0.1,
     ):
         self.avatar = avatar
         self.store = store
@@ -174,22 +187,28 @@ class TeacherFitter:
         self.grad_clip = grad_clip
         self.background = tuple(background)
         self.seed = seed
+        self.init_scale = float(init_scale)
         self._decoder_opt = torch.optim.Adam(self.decoder.parameters(), lr=lr)
         decoder_path = store.root / DECODER_FILE
         if decoder_path.is_file():  # resume: continue with the decoder fitted so far
             tensors, _ = load_tensors(decoder_path, device=device)
             self.decoder.load_state_dict(tensors)
 
-    def loss(self, features: Tensor, images: Tensor, cameras: Cameras) -> tuple[Tensor, dict[str, Tensor]]:
-        """IDOL's render loss of one avatar's features ``[C, R, R]`` against RGBA views ``[V, H, W, 4]``."""
+    def loss(self, features: Tensor, images: Tensor, cameras: Cameras,
+             body: BodyOutput | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """IDOL's render loss of one avatar's features ``[C, R, R]`` against RGBA views ``[V, H, W, 4]``, the
+        Gaussians skinned onto ``body`` (the posed body the views show; None: canonical)."""
         maps = self.decoder(features[None])
         g = self.avatar(maps)
-        pred, _ = self.avatar.render(g, cameras, self.background)
+        pred = posed_render(self.avatar, g, body, cameras, self.background)
         target = composite(images, self.background).to(pred)[None]
         return render_loss(pred, target, g.offsets, self.perceptual, *self.lambdas, sum_views=False)
 
-    def fit_avatar(self, images: Tensor, cameras: Cameras, steps: int, seed: int | None = None) -> tuple[Tensor, list[float]]:
-        """Fit one avatar's features (and update the shared decoder): ``(features [C, R, R], losses per step)``."""
+    def fit_avatar(self, images: Tensor, cameras: Cameras, steps: int, seed: int | None = None,
+                   body: BodyOutput | None = None) -> tuple[Tensor, list[float]]:
+        """Fit one avatar's features (and update the shared decoder): ``(features [C, R, R], losses per step)``.
+
+        ``body`` is the posed body the views show (the dataset's body parameters); None renders canonically."""
         if images.dim() != 4 or images.shape[-1] not in (3, 4) or images.shape[0] != len(cameras):
             raise InputError(f"views must be [V, H, W, 4] with one camera each, got {tuple(images.shape)} and "
                              f"{len(cameras)} cameras", "pass the avatar's RGBA renders and their Cameras")
@@ -199,7 +218,7 @@ class TeacherFitter:
         g = torch.Generator().manual_seed(self.seed if seed is None else seed)
         C, R = self.store.channels, self.resolution
         device = self.avatar.template_points.device
-        param = nn.Parameter((0.1 * torch.randn(C, R, R, generator=g)).to(device))
+        param = nn.Parameter((self.init_scale * torch.randn(C, R, R, generator=g)).to(device))
         images, cameras = images.to(device), cameras.to(device)
         feat_opt = torch.optim.Adam([param], lr=self.feature_lr)
         self.decoder.train()
@@ -207,7 +226,7 @@ class TeacherFitter:
         V = images.shape[0]
         for _ in range(steps):
             pick = torch.randperm(V, generator=g)[: self.views_per_step].tolist()
-            loss, _ = self.loss(torch.tanh(param), images[pick], cameras[pick])
+            loss, _ = self.loss(torch.tanh(param), images[pick], cameras[pick], body)
             feat_opt.zero_grad(set_to_none=True)
             self._decoder_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -225,14 +244,16 @@ class TeacherFitter:
         overwrite: bool = False,
         progress: bool = True,
     ) -> dict[str, float]:
-        """Fit every avatar not yet in the store (all with ``overwrite``); final loss per fitted avatar."""
+        """Fit every avatar not yet in the store (all with ``overwrite``); final loss per fitted avatar.
+
+        Avatar ``k`` of ``avatar_ids`` is seeded by ``seed + k``, so a resumed run fits the rest as a whole run would."""
         from tqdm.auto import tqdm
 
         done: dict[str, float] = {}
-        todo = [a for a in avatar_ids if overwrite or not self.store.exists(a)]
-        for k, avatar_id in enumerate(tqdm(todo, desc="fit-teacher", disable=not progress)):
-            images, cameras = get_views(avatar_id)
-            feats, history = self.fit_avatar(images, cameras, steps, seed=self.seed + k)
+        todo = [(k, a) for k, a in enumerate(avatar_ids) if overwrite or not self.store.exists(a)]
+        for k, avatar_id in tqdm(todo, desc="fit-teacher", disable=not progress):
+            images, cameras, *body = get_views(avatar_id)
+            feats, history = self.fit_avatar(images, cameras, steps, seed=self.seed + k, body=body[0] if body else None)
             self.store.save(avatar_id, feats, {"resolution": self.resolution, "steps": steps,
                                                "final_loss": history[-1] if history else None})
             save_tensors(self.store.root / DECODER_FILE, self.decoder.state_dict(), {"channels": self.store.channels})
@@ -240,4 +261,62 @@ class TeacherFitter:
         return done
 
 
-__all__ = ["FEATURE_CHANNELS", "FEATURE_KEY", "TeacherFeatureStore", "TeacherFitter"]
+def fit_teacher(cfg: TeraConfig, progress: bool = True, create_dataset: bool = False) -> dict[str, Any]:
+    """``tera fit-teacher``: teacher UV features for every dataset avatar (fitted, or IDOL's checked on disk);
+    resumes where it stopped."""
+    start = time.perf_counter()
+    t = cfg.teacher
+    store = TeacherFeatureStore(run_paths(cfg).teacher, t.channels)
+    resolve_device(cfg.device, cfg.threads)
+    ds = load_dataset(cfg, create=create_dataset)
+    if t.source == "idol":
+        missing = [a for a in ds.ids if not store.exists(a)]
+        if missing:
+            raise MissingFileError(
+                f"IDOL features missing for {len(missing)} of {len(ds)} avatars in {store.root} (first: {missing[0]})",
+                f"export IDOL's UV features as {store.root}/<avatar_id>.safetensors (key 'uv_features', "
+                f"[{t.channels}, H, W]) or set teacher.source=fit")
+        return {"source": "idol", "avatars": len(ds), "seconds": time.perf_counter() - start}
+    if t.source != "fit":
+        raise ConfigError(f"teacher.source={t.source!r}", "use 'fit' (own teacher) or 'idol' (features on disk)")
+    avatar = build_avatar(cfg)
+    fitter = TeacherFitter(
+        avatar, store, feature_resolution=t.resolution, decoder=uv_decoder(cfg), lr=t.lr, feature_lr=t.feature_lr,
+        lambda_mse=t.lambda_mse, lambda_lpips=t.lambda_lpips, lambda_offset=t.lambda_offset,
+        perceptual=perceptual(cfg), views_per_step=t.views_per_step, grad_clip=t.grad_clip,
+        background=tuple(cfg.data.background), seed=cfg.seed, init_scale=t.init_scale)
+    train_v = training_views(ds.num_views, list(cfg.data.eval_views))
+    index = {a: i for i, a in enumerate(ds.ids)}
+
+    def views(avatar_id: str) -> tuple[Tensor, Cameras, BodyOutput]:
+        k = index[avatar_id]
+        images, cams = ds.views(k, train_v)
+        return images, cams, ds.body_output(k, avatar.body)
+
+    todo = [a for a in ds.ids if not store.exists(a)]
+    losses = fitter.fit(ds.ids, views, t.steps, progress=progress)
+    return {"source": "fit", "avatars": len(ds), "fitted": len(todo),
+            "mean_final_loss": float(np.mean(list(losses.values()))) if losses else None,
+            "seconds": time.perf_counter() - start}
+
+
+def teacher_latents(cfg: TeraConfig, ds: TeraDataset, latent_resolution: int) -> Tensor:  # [A, C, r, r]
+    """The dataset's teacher features brought to the latent resolution (what stage 1 distils)."""
+    store = TeacherFeatureStore(run_paths(cfg).teacher, cfg.teacher.channels)
+    missing = [a for a in ds.ids if not store.exists(a)]
+    if missing:
+        raise MissingFileError(
+            f"teacher UV features missing for {len(missing)} of {len(ds)} avatars in {store.root} "
+            f"(first: {missing[0]})", "run `tera fit-teacher` first (or point teacher.features_dir at IDOL features)")
+    lat = []
+    for a in ds.ids:
+        f = store.load(a)
+        if f.shape[-1] % latent_resolution:
+            raise ConfigError(f"teacher features are {f.shape[-1]}^2, not a multiple of the latent resolution "
+                              f"{latent_resolution}", "pick distill.latent_resolution dividing teacher.resolution")
+        lat.append(features_to_latent(f, latent_resolution)[0])
+    return torch.stack(lat)
+
+
+__all__ = ["DECODER_FILE", "FEATURE_CHANNELS", "FEATURE_KEY", "TeacherFeatureStore", "TeacherFitter", "fit_teacher",
+           "teacher_latents"]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-SMPLX_ENV = "AVATAR_SMPLX_DIR"
+from avatar_core.body.smplx_model import SMPLX_ENV
+from avatar_core.errors import ConfigError
 
 
 def _version(dist: str) -> str | None:
@@ -27,6 +28,22 @@ def _version(dist: str) -> str | None:
 def default_device() -> torch.device:
     """The device a run uses when none is given: the first CUDA GPU if there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str = "auto", threads: int = 0) -> torch.device:
+    """A config's ``device`` value as a torch device: ``auto`` is :func:`default_device`; ``cuda`` on a machine
+    without CUDA is a ConfigError. ``threads`` > 0 sets torch's CPU thread count first."""
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(int(threads))
+    if name == "auto":
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device={name!r} is not a torch device", "use device=auto, cpu or cuda[:N]") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here", "use device=auto or device=cpu")
+    return dev
 
 
 def smplx_dir() -> Path | None:

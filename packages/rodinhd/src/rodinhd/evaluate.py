@@ -1,0 +1,144 @@
+"""RodinHD's evaluation (``rodinhd evaluate``): fitting and generation PSNR / SSIM (LPIPS when weights are
+configured), the 3D-consistency refit, and the Table 4(a) fitting ablation (``rodinhd ablate-fitting``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from avatar_core.cameras import orbit_cameras
+from avatar_core.env import resolve_device
+from avatar_core.io import save_json
+from avatar_core.metrics import psnr as psnr_fn
+from avatar_core.metrics import ssim as ssim_fn
+from rodinhd.cascade import VGGPerceptual
+from rodinhd.config import RodinHDConfig
+from rodinhd.data import open_data
+from rodinhd.decoder import TriplaneDecoder
+from rodinhd.fitting import evaluate_fit, fit_triplanes
+from rodinhd.models import load_decoder, triplane_kwargs
+from rodinhd.renderer import render_views
+from rodinhd.sample import TriplaneSampler
+from rodinhd.triplane import TriplaneStore
+
+__all__ = ["ablate", "evaluate", "refit_consistency"]
+
+
+def _on(bg: Tensor, rgba: Tensor) -> Tensor:  # [..., 4] straight alpha -> [..., 3]
+    return rgba[..., :3] * rgba[..., 3:] + bg * (1 - rgba[..., 3:])
+
+
+def _scores(pred: Tensor, target: Tensor, lpips: nn.Module | None) -> dict[str, float]:
+    out = {"psnr": float(psnr_fn(pred, target).mean())}
+    if min(pred.shape[1:3]) >= 11:
+        out["ssim"] = float(ssim_fn(pred, target).mean())
+    if lpips is not None:
+        with torch.no_grad():
+            out["lpips"] = float(lpips(pred, target))
+    return out
+
+
+def _mean(rows: list[dict]) -> dict[str, float]:
+    keys = rows[0].keys() if rows else []
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+def refit_consistency(cfg: RodinHDConfig, planes: Tensor, decoder: TriplaneDecoder, work: Path, iterations: int,
+                      views: int, res: int, rays_per_step: int) -> dict:
+    """The 3D-consistency check: render ``views`` orbit views of a generated triplane, fit a fresh triplane to them
+    with the frozen decoder (stage 2's fitting), and score the refit's renders against those views."""
+    r = cfg.render
+    cams = orbit_cameras(views, cfg.sample.radius, cfg.sample.elevation, cfg.sample.fov_deg, res, res)
+    rgb, alpha = render_views(planes, decoder, cams, cfg.triplane.bound, cfg.triplane.center, r.num_samples,
+                              r.occupancy, r.grid_resolution, r.grid_updates, background=None)
+    straight = torch.where(alpha > 1e-4, rgb / alpha.clamp_min(1e-4), torch.zeros_like(rgb)).clamp(0, 1)
+    target = torch.cat([straight, alpha], dim=-1)  # [V, H, W, 4]
+    store = TriplaneStore(work, cfg.triplane.channels, cfg.triplane.resolution)
+    s2 = cfg.stage2
+    fit_triplanes(lambda _: (target, cams), ["refit"], decoder, store, None, iterations=iterations,
+                  rays_per_step=rays_per_step, num_samples=s2.num_samples, triplane_lr=s2.triplane_lr,
+                  tv_weight=s2.tv_weight, l2_weight=s2.l2_weight, l1_weight=s2.l1_weight, occupancy=s2.occupancy,
+                  grid_resolution=s2.grid_resolution, grid_update_every=s2.grid_update_every, init_std=s2.init_std,
+                  seed=cfg.seed, rank=0, world_size=1, progress=False, **triplane_kwargs(cfg))
+    scores = evaluate_fit(lambda _: (target, cams), ["refit"], decoder, store, num_samples=r.num_samples,
+                          occupancy=r.occupancy, grid_resolution=r.grid_resolution,
+                          background=list(r.background), **triplane_kwargs(cfg))["refit"]
+    return {"refit_psnr": scores["psnr"], "refit_ssim": scores["ssim"], "views": views, "res": res,
+            "iterations": iterations}
+
+
+def evaluate(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", progress: bool = True) -> dict:
+    """``rodinhd evaluate``: fitting PSNR/SSIM (stage-2 triplanes vs their views), generation PSNR/SSIM (a sample
+    from each scored avatar's portrait vs its ground-truth views), LPIPS when weights are configured, and the
+    refit PSNR of the 3D-consistency check. Written to ``<out>/eval.json``."""
+    out = Path(out)
+    e, r = cfg.evaluate, cfg.render
+    data = open_data(cfg, out)
+    device = resolve_device(cfg.device)
+    decoder = load_decoder(cfg, out, device)
+    lpips = VGGPerceptual.from_local(e.vgg_path, e.lpips_path).to(device) if (e.vgg_path and e.lpips_path) else None
+    bg = torch.as_tensor(list(r.background), dtype=torch.float32, device=device)
+    fit_ids = data.train_ids[: e.num_avatars]
+    store = TriplaneStore(out / "triplanes", cfg.triplane.channels, cfg.triplane.resolution)
+    fit_rows = []
+    for a in fit_ids:
+        images, cams = data.get_views(a)
+        rgb, _ = render_views(store.load(a, device), decoder, cams, cfg.triplane.bound, cfg.triplane.center,
+                              r.num_samples, r.occupancy, r.grid_resolution, r.grid_updates, background=bg)
+        fit_rows.append(_scores(rgb, _on(bg, images.to(device)), lpips))
+    gen = TriplaneSampler(cfg, out, device)
+    gen_ids = (data.held_out_ids + data.train_ids)[: e.num_avatars]
+    gen_rows, first = [], None
+    for a in gen_ids:
+        images, cams = data.get_views(a)
+        planes, _ = gen(data.portrait(a), cfg.sample.seed, cfg.sample.base_steps, cfg.sample.upsample_steps,
+                        cfg.sample.guidance_scale)
+        first = planes if first is None else first
+        rgb, _ = render_views(planes, decoder, cams, cfg.triplane.bound, cfg.triplane.center, r.num_samples,
+                              r.occupancy, r.grid_resolution, r.grid_updates, background=bg)
+        gen_rows.append({"avatar": a, "held_out": a in data.held_out_ids,
+                         **_scores(rgb, _on(bg, images.to(device)), lpips)})
+    consistency = refit_consistency(cfg, first, decoder, out / "eval" / "refit", e.refit_iterations, e.refit_views,
+                                    e.refit_res, e.refit_rays_per_step)
+    result = {"fitting": {"avatars": fit_ids, **_mean(fit_rows)},
+              "generation": {"per_avatar": gen_rows,
+                             **_mean([{k: v for k, v in g.items() if k not in ("avatar", "held_out")}
+                                      for g in gen_rows])},
+              "consistency": consistency,
+              "lpips": "reported" if lpips is not None else "not reported (set evaluate.vgg_path and lpips_path)"}
+    save_json(out / "eval.json", result)
+    return result
+
+
+def ablate(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", progress: bool = True) -> list[dict]:
+    """``rodinhd ablate-fitting``: the Table 4(a) rows with equal total iterations (:mod:`rodinhd.ablation`)."""
+    from rodinhd.ablation import ablate_fitting, format_table
+
+    out = Path(out)
+    a = cfg.ablation
+    data = open_data(cfg, out)
+    ids = data.train_ids[: a.num_avatars]
+    d = cfg.decoder
+    dec_kwargs = dict(reduce=d.reduce, hidden_dim=d.hidden_dim, geo_feat_dim=d.geo_feat_dim,
+                      density_layers=d.density_layers, color_layers=d.color_layers,
+                      density_activation=d.density_activation, density_bias=d.density_bias)
+    s = cfg.stage1
+    results = ablate_fitting(data.get_views, ids, a.total_iterations, out / "ablation", channels=a.channels,
+                             resolution=a.resolution, outer_loops=a.outer_loops, earliest=a.earliest, rows=list(a.rows),
+                             decoder_kwargs=dec_kwargs, eval_kwargs={"num_samples": a.eval_num_samples},
+                             seed=cfg.seed, progress=progress, rays_per_step=a.rays_per_step,
+                             num_samples=a.num_samples, occupancy=a.occupancy, triplane_lr=s.triplane_lr,
+                             triplane_lr_loop_decay=s.triplane_lr_loop_decay, decoder_lr=s.decoder_lr,
+                             decoder_lr_decay_visits=s.decoder_lr_decay_visits, tv_weight=s.tv_weight,
+                             l2_weight=s.l2_weight, l1_weight=s.l1_weight, init_std=s.init_std,
+                             **triplane_kwargs(cfg))
+    table = format_table(results)
+    (out / "ablation").mkdir(parents=True, exist_ok=True)
+    (out / "ablation" / "table.txt").write_text(table + "\n", encoding="utf-8")
+    save_json(out / "ablation" / "results.json", results)
+    return results
+
+

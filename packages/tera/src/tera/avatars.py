@@ -1,0 +1,144 @@
+"""A trained TeRA run's models loaded once, and avatars on disk: the latent file with its provenance, decoding to
+Gaussians, and every file an avatar folder holds (PLY, attribute maps, preview, turntable, settings)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from avatar_core.cameras import Cameras, orbit_cameras
+from avatar_core.config import config_to_dict
+from avatar_core.env import resolve_device
+from avatar_core.errors import ConfigError, CorruptFileError, InputError, MissingFileError
+from avatar_core.io import image_grid, load_tensors, save_image, save_json, save_tensors, write_video
+from tera.config import TeraConfig
+from tera.distill import DistillationDecoder
+from tera.latent_diffusion import StructuredLatentDiffusion
+from tera.runs import build_avatar
+from tera.stage1 import load_decoder
+from tera.stage2 import load_model
+from tera.uv_gaussians import ATTRIBUTE_SLICES, GaussianBatch, UVGaussianAvatar
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AVATAR_FORMAT", "Models", "body_centre", "decode", "load_avatar", "load_models", "maps_image", "slug",
+           "turntable_cameras", "write_avatar"]
+
+AVATAR_FORMAT = "tera.avatar/1"
+
+
+@dataclass
+class Models:
+    """Everything generation, editing and animation need, loaded once."""
+
+    avatar: UVGaussianAvatar
+    decoder: DistillationDecoder
+    decoder_settings: dict
+    diffusion: StructuredLatentDiffusion | None
+    device: torch.device
+
+
+def load_models(cfg: TeraConfig, with_diffusion: bool = True) -> Models:
+    """The run's avatar, decoder and (unless ``with_diffusion`` is False) diffusion model, checked to match."""
+    device = resolve_device(cfg.device, cfg.threads)
+    decoder, settings = load_decoder(cfg)
+    model = load_model(cfg, device) if with_diffusion else None
+    if model is not None and tuple(model.latent_shape) != (settings["latent_channels"], settings["latent_resolution"],
+                                                           settings["latent_resolution"]):
+        raise ConfigError(f"the diffusion model's latent {model.latent_shape} does not match the decoder's",
+                          "train the diffusion model again after distilling")
+    return Models(build_avatar(cfg).to(device), decoder.to(device), settings, model, device)
+
+
+def slug(text: str, n: int = 40) -> str:
+    s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return s[:n] or "avatar"
+
+
+def load_avatar(path: str | Path, models: Models) -> tuple[Tensor, dict]:
+    """An avatar file's latent ``[C, h, w]`` and provenance, checked against the loaded models."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "avatar.safetensors"
+    if not path.is_file():
+        raise MissingFileError(f"avatar file not found: {path}", "pass an avatar.safetensors written by `tera generate`")
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != AVATAR_FORMAT or "latent" not in tensors:
+        raise CorruptFileError(f"{path} is not a TeRA avatar file", "pass an avatar.safetensors from `tera generate`")
+    s = models.decoder_settings
+    if meta.get("body") != s["body"]:
+        raise InputError(f"{path} was made for body model {meta.get('body')!r}; this run uses {s['body']!r}",
+                         "use the run (run_dir / --config) the avatar was generated with")
+    want = [s["latent_channels"], s["latent_resolution"], s["latent_resolution"]]
+    if list(tensors["latent"].shape) != want or meta.get("map_resolution") != s["latent_resolution"] * s["upsample_factor"]:
+        raise InputError(f"{path} holds a latent {list(tensors['latent'].shape)} at UV resolution "
+                         f"{meta.get('map_resolution')}; this run's decoder takes {want} -> UV "
+                         f"{s['latent_resolution'] * s['upsample_factor']}",
+                         "use the run the avatar was generated with")
+    if meta.get("num_points") != s["num_points"] or meta.get("point_seed") != s["point_seed"]:
+        log.warning("%s was saved with %s Gaussians (seed %s); decoding with this run's %s (seed %s)", path,
+                    meta.get("num_points"), meta.get("point_seed"), s["num_points"], s["point_seed"])
+    return tensors["latent"].float(), meta
+
+
+@torch.no_grad()
+def decode(models: Models, latent: Tensor) -> tuple[Tensor, GaussianBatch]:
+    """Latent ``[C, h, w]`` -> attribute maps ``[1, 13, R, R]`` and canonical Gaussians."""
+    maps = models.decoder(latent[None].to(models.device))
+    return maps, models.avatar(maps)
+
+
+def body_centre(points: Tensor) -> list[float]:  # [N, 3] -> centre of the bounding box
+    lo, hi = points.min(0).values, points.max(0).values
+    return ((lo + hi) / 2).tolist()
+
+
+def turntable_cameras(cfg: TeraConfig, n: int, centre: list[float], size: int | None = None) -> Cameras:
+    g = cfg.generate
+    s = size or g.render_size
+    return orbit_cameras(n, radius=g.camera_radius, fov_deg=g.fov_deg, width=s, height=s, target=centre)
+
+
+def maps_image(maps: Tensor) -> Tensor:  # [1, 13, R, R] -> [H, W, 3]: colour, offset, radius, rotation
+    m = maps[0].detach().cpu()
+    off = m[ATTRIBUTE_SLICES["offset"]]
+    off = (off / (2 * off.abs().amax().clamp_min(1e-6)) + 0.5)
+    tiles = torch.stack([m[ATTRIBUTE_SLICES["rgb"]], off, m[ATTRIBUTE_SLICES["radius"]], m[ATTRIBUTE_SLICES["rotation"]]])
+    up = max(1, 256 // tiles.shape[-1])  # nearest upscaling keeps texels visible in small maps
+    tiles = torch.nn.functional.interpolate(tiles, scale_factor=up, mode="nearest") if up > 1 else tiles
+    return image_grid([t.clamp(0, 1).permute(1, 2, 0) for t in tiles], nrow=4)
+
+
+def write_avatar(cfg: TeraConfig, models: Models, latent: Tensor, out_dir: Path, provenance: dict[str, Any],
+                 video: bool = True) -> dict[str, Any]:
+    """All outputs of one avatar: latent file, PLY, attribute maps (PNG + safetensors), preview, turntable, JSON."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = models.decoder_settings
+    maps, g = decode(models, latent)
+    files = {}
+    meta = {"format": AVATAR_FORMAT, "body": s["body"], "num_points": s["num_points"], "point_seed": s["point_seed"],
+            "latent_shape": list(latent.shape), "map_resolution": int(maps.shape[-1]), **provenance}
+    files["avatar"] = str(save_tensors(out_dir / "avatar.safetensors", {"latent": latent.detach().cpu()}, meta))
+    files["ply"] = str(g.save_ply(out_dir / "avatar.ply"))
+    files["maps"] = str(save_tensors(out_dir / "maps.safetensors", {"maps": maps[0].cpu()},
+                                     {"channels": {k: [v.start, v.stop] for k, v in ATTRIBUTE_SLICES.items()}}))
+    files["maps_png"] = str(save_image(out_dir / "maps.png", maps_image(maps)))
+    centre = body_centre(g.means[0])
+    with torch.no_grad():
+        cams = turntable_cameras(cfg, 4, centre)
+        rgb, _ = models.avatar.render(g, cams, tuple(cfg.data.background))
+        files["preview"] = str(save_image(out_dir / "preview.png", image_grid(rgb[0].cpu(), nrow=4)))
+        if video:
+            n = cfg.generate.turntable_frames
+            frames, _ = models.avatar.render(g, turntable_cameras(cfg, n, centre), tuple(cfg.data.background))
+            files["turntable"] = str(write_video(out_dir / "turntable.mp4", frames[0].cpu(), fps=cfg.generate.fps))
+    settings = {**meta, "files": files, "config": config_to_dict(cfg)}
+    files["settings"] = str(save_json(out_dir / "settings.json", settings))
+    return {"dir": str(out_dir), "files": files, "maps": maps, "gaussians": g}
+

@@ -1,0 +1,354 @@
+"""TeRA's evaluation (``tera evaluate``): text faithfulness of generated avatars (a garment-colour scorer on the UV
+colour map, and the CLIP score when a local CLIP folder is configured), the editing errors of try-on (inpainting vs
+the replacement baseline, Sec. 3.5), and the latent-resolution ablation; the report as Markdown tables."""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from avatar_core.config import merge_overrides
+from avatar_core.data.appearance import GARMENT_COLOURS
+from avatar_core.io import save_json
+from tera import edit as edit_mod
+from tera.avatars import Models, body_centre, load_models, turntable_cameras
+from tera.config import TeraConfig
+from tera.generate import edit, generate, sample_latents
+from tera.runs import load_dataset, run_paths
+from tera.stage1 import distill
+from tera.uv_gaussians import ATTRIBUTE_SLICES, resize_mask
+
+__all__ = ["CLIP_MEAN", "CLIP_NOT_COMPUTED", "CLIP_STD", "ClipScorer", "avatar_views", "clip_preprocess", "evaluate",
+           "format_clip", "format_report", "parse_prompt", "score_colour_map"]
+
+_COLOUR_NAMES = sorted(GARMENT_COLOURS, key=len, reverse=True)  # "light blue" before "blue"
+_TOPS = ("dress", "jacket", "shirt")
+_BOTTOMS = ("trousers", "shorts", "skirt")
+
+
+def parse_prompt(prompt: str) -> dict[str, str]:
+    """Garment attributes a prompt asks for: top/bottom colour and type (palette names, garment words)."""
+    p = " " + prompt.lower() + " "
+    found: list[tuple[int, str, str]] = []  # (position, kind, word)
+    taken = [False] * len(p)
+    for name in _COLOUR_NAMES:
+        for m in re.finditer(rf"(?<![a-z]){re.escape(name)}(?![a-z])", p):
+            if not any(taken[m.start():m.end()]):
+                found.append((m.start(), "colour", name))
+                for k in range(m.start(), m.end()):
+                    taken[k] = True
+    for word in _TOPS + _BOTTOMS:
+        for m in re.finditer(rf"(?<![a-z]){word}(?![a-z])", p):
+            found.append((m.start(), "type", word))
+    found.sort()
+    out: dict[str, str] = {}
+    colour = None
+    for _, kind, word in found:
+        if kind == "colour":
+            colour = word
+            continue
+        slot = "top" if word in _TOPS else "bottom"
+        if f"{slot}_type" not in out:
+            out[f"{slot}_type"] = word
+            if colour is not None:
+                out[f"{slot}_colour"] = colour
+        colour = None
+    return out
+
+
+def _nearest_colour(rgb: Tensor) -> str:
+    names = list(GARMENT_COLOURS)
+    pal = torch.tensor([GARMENT_COLOURS[n] for n in names])
+    return names[int(((pal - rgb[None]) ** 2).sum(-1).argmin())]
+
+
+def score_colour_map(rgb: Tensor, parts: dict[str, Tensor], asked: dict[str, str]) -> dict[str, float]:
+    """Does a UV colour map ``[3, R, R]`` show the asked garments? 1/0 per asked attribute (see README).
+
+    Colour: the median colour of the region (upper body for the top, lower body for the bottom) named by the
+    nearest palette colour. Type: 'dress' when the thighs carry the top's colour; 'trousers' vs 'shorts/skirt'
+    from how much of the legs the bottom's colour covers (the lower legs covered -> trousers).
+    """
+    R = rgb.shape[-1]
+
+    def region(name: str) -> Tensor:  # [M, 3]
+        m = resize_mask(parts[name], R)
+        return rgb[:, m].T
+
+    def median(x: Tensor) -> Tensor:
+        return x.median(0).values
+
+    top, bottom = region("upper_body"), region("lower_body")
+    top_c, bottom_c = median(top), median(bottom)
+    legs_m = resize_mask(parts["legs"], R)
+    rows = torch.nonzero(legs_m)[:, 0]
+    lower_legs = rgb[:, legs_m].T[rows > rows.float().median()]
+    near = lambda x, c: (((x - c[None]) ** 2).sum(-1).sqrt() < 0.2).float().mean()  # noqa: E731
+    scores: dict[str, float] = {}
+    if "top_colour" in asked:
+        scores["top_colour"] = float(_nearest_colour(top_c) == asked["top_colour"])
+    if "bottom_colour" in asked:
+        scores["bottom_colour"] = float(_nearest_colour(bottom_c) == asked["bottom_colour"])
+    dress = bool(near(bottom, top_c) > 0.5)
+    if "top_type" in asked:
+        scores["top_type"] = float((asked["top_type"] == "dress") == dress)
+    if "bottom_type" in asked:
+        long = bool(near(lower_legs, bottom_c) > 0.5)
+        scores["bottom_type"] = float((asked["bottom_type"] == "trousers") == long and not dress)
+    return scores
+
+
+def _mean_score(rows: list[dict[str, float]]) -> float:
+    vals = [v for r in rows for v in r.values()]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+#: CLIP's image normalisation (the constants every openai/clip-vit-* release was trained with).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_NOT_COMPUTED = "CLIP score: not computed (set evaluate.clip_path to a local CLIP folder)"
+
+
+def clip_preprocess(images: Tensor, size: int) -> Tensor:  # [V, H, W, 3] in [0, 1] -> [V, 3, size, size]
+    """CLIP's input: shorter side resized to ``size`` (bicubic), centre crop, mean/std normalisation."""
+    x = images.permute(0, 3, 1, 2).float().clamp(0, 1)
+    h, w = x.shape[-2:]
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    # Antialiasing matters when the renders are larger than CLIP's input: plain bicubic would alias thin edges.
+    x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[..., top:top + size, left:left + size].clamp(0, 1)  # bicubic overshoots; CLIP saw [0, 1] images
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device)[:, None, None]
+    return (x - mean) / std
+
+
+def _features(out: Any) -> Tensor:
+    # transformers 5 returns a model output whose pooler_output is the projected embedding; older ones a tensor.
+    return getattr(out, "pooler_output", out)
+
+
+class ClipScorer:
+    """CLIP score (Hessel et al. 2021, without the clip at 0): 100 x cosine(image embedding, text embedding)."""
+
+    def __init__(self, path: str | Path | None, device: torch.device | str = "cpu"):
+        from avatar_core.pretrained import load_clip
+
+        parts = load_clip(path, device=device, config_key="evaluate.clip_path")
+        self.model = parts.model.eval()
+        self.tokenizer = parts.tokenizer
+        self.device = torch.device(device)
+        self.image_size = int(self.model.config.vision_config.image_size)
+        self.max_length = min(int(self.tokenizer.model_max_length),
+                              int(self.model.config.text_config.max_position_embeddings))
+
+    @torch.no_grad()
+    def text_embedding(self, prompts: list[str]) -> Tensor:  # [P, D], unit norm
+        tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        emb = _features(self.model.get_text_features(input_ids=tok.input_ids.to(self.device),
+                                                     attention_mask=tok.attention_mask.to(self.device)))
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    @torch.no_grad()
+    def image_embedding(self, images: Tensor) -> Tensor:  # [V, H, W, 3] in [0, 1] -> [V, D], unit norm
+        pixels = clip_preprocess(images, self.image_size).to(self.device, self.model.dtype)
+        emb = _features(self.model.get_image_features(pixel_values=pixels))
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    def score(self, images: Tensor, prompt: str) -> float:
+        """Mean over the views ``[V, H, W, 3]`` of 100 x cosine(view, prompt)."""
+        return float(100 * (self.image_embedding(images) @ self.text_embedding([prompt])[0]).mean())
+
+
+def avatar_views(cfg: TeraConfig, models: Models, maps: Tensor, n: int, size: int) -> Tensor:
+    """``n`` turntable views ``[n, size, size, 3]`` of the avatar decoded from attribute maps ``[1, 13, R, R]``."""
+    with torch.no_grad():
+        g = models.avatar(maps.to(models.device))
+        cams = turntable_cameras(cfg, n, body_centre(g.means[0]), size)
+        rgb, _ = models.avatar.render(g, cams, tuple(cfg.data.background))
+    return rgb[0].cpu()
+
+
+def format_clip(clip: dict[str, Any] | None) -> list[str]:
+    """The CLIP-score section of the evaluation report (Markdown lines)."""
+    if not clip:
+        return ["## CLIP score", "", CLIP_NOT_COMPUTED]
+    lines = [f"## CLIP score (100 x cosine of CLIP image and text embeddings, mean over {clip['views']} views; "
+             f"{clip['path']})", "", "| rows | CLIP score |", "|---|---|",
+             f"| held-out prompts | {clip['held_out_prompts']:.2f} |",
+             f"| held-out avatars scored against another held-out prompt | {clip['against_other_prompt']:.2f} |",
+             "", "| held-out prompt | CLIP score |", "|---|---|"]
+    lines += [f"| {p} | {v:.2f} |" for p, v in clip["per_prompt"].items()]
+    return lines
+
+
+def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool = True,
+             progress: bool = True) -> dict[str, Any]:
+    """Text faithfulness (held-out prompts vs random captions), editing errors, latent-resolution ablation."""
+    start = time.perf_counter()
+    e = cfg.evaluate
+    out = Path(out_dir) if out_dir is not None else run_paths(cfg).run / "evaluation"
+    edit_mod.parse_regions(e.edit_region)  # a bad region fails before anything is generated
+    out.mkdir(parents=True, exist_ok=True)
+    models = load_models(cfg)
+    ds = load_dataset(cfg)
+    parts = models.avatar.uv_mapper.part_masks()
+    sampling = {"sampler": e.sampler, "steps": None, "guidance": cfg.generate.guidance or None}
+    # Loaded before any generation so a missing or incomplete CLIP folder fails at once, with nothing spent.
+    clip = ClipScorer(e.clip_path, models.device) if e.clip_path else None
+    report: dict[str, Any] = {}
+
+    # The scorer on the dataset's own UV textures: how often it reads the truth (its ceiling).
+    gt_rows = []
+    for i in range(len(ds)):
+        tex = ds.texture(i).permute(2, 0, 1)
+        gt_rows.append(score_colour_map(tex, parts, parse_prompt(ds.captions(i)[0])))
+    train_caps = [c for i in range(len(ds)) for c in ds.captions(i)]
+
+    def generated_maps(prompts: list[str], seed: int) -> Tensor:  # [B, 13, R, R]
+        lat = sample_latents(models, prompts, seed, **sampling)
+        with torch.no_grad():
+            return models.decoder(lat.to(models.device)).cpu()
+
+    rng = np.random.default_rng(cfg.seed)
+    held_rows, held_vs_random, per_prompt = [], [], []
+    clip_emb: list[Tensor] = []  # per held-out prompt: each sample's view-averaged unit image embeddings [S, D]
+    for k, prompt in enumerate(e.prompts):
+        asked = parse_prompt(prompt)
+        full = generated_maps([prompt] * e.samples_per_prompt, cfg.seed + k)
+        maps = full[:, ATTRIBUTE_SLICES["rgb"]]
+        if clip is not None:
+            views = [avatar_views(cfg, models, full[i:i + 1], e.clip_views, e.clip_render_size)
+                     for i in range(len(full))]
+            clip_emb.append(torch.stack([clip.image_embedding(v).mean(0) for v in views]))  # [S, D]
+        rows = [score_colour_map(m, parts, asked) for m in maps]
+        held_rows += rows
+        other = train_caps[int(rng.integers(len(train_caps)))]
+        held_vs_random += [score_colour_map(m, parts, parse_prompt(other)) for m in maps]
+        per_prompt.append({"prompt": prompt, "asked": asked, "score": _mean_score(rows),
+                           "combination_in_training_set": any(all(parse_prompt(ds.captions(i)[0]).get(a) == v
+                                                                   for a, v in asked.items()) for i in range(len(ds)))})
+    rand_caps = [train_caps[int(j)] for j in rng.choice(len(train_caps), size=e.random_captions, replace=False)]
+    rand_maps = generated_maps(rand_caps, cfg.seed + 1000)[:, ATTRIBUTE_SLICES["rgb"]]
+    rand_rows = [score_colour_map(m, parts, parse_prompt(c)) for m, c in zip(rand_maps, rand_caps)]
+    shuffled = rand_caps[1:] + rand_caps[:1]
+    rand_vs_other = [score_colour_map(m, parts, parse_prompt(c)) for m, c in zip(rand_maps, shuffled)]
+    report["text_faithfulness"] = {
+        "held_out_prompts": _mean_score(held_rows),
+        "held_out_avatars_scored_against_random_caption": _mean_score(held_vs_random),
+        "random_training_captions": _mean_score(rand_rows),
+        "random_caption_avatars_scored_against_another_caption": _mean_score(rand_vs_other),
+        "scorer_on_ground_truth_textures": _mean_score(gt_rows),
+        "per_prompt": per_prompt,
+        "samples_per_prompt": e.samples_per_prompt,
+        "sampler": e.sampler,
+    }
+
+    # CLIP score: mean over views of 100 x cosine, i.e. 100 x (mean of the unit view embeddings) . text.
+    report["clip_score"] = None
+    if clip is not None:
+        text = clip.text_embedding(list(e.prompts))  # [P, D]
+        sims = torch.stack([100 * (emb @ text.T) for emb in clip_emb])  # [P, S, P]: prompt k's samples vs all
+        own = torch.stack([sims[k, :, k] for k in range(len(e.prompts))])  # [P, S]
+        others = [sims[k, :, j] for k in range(len(e.prompts)) for j in range(len(e.prompts)) if j != k]
+        report["clip_score"] = {
+            "path": str(e.clip_path), "views": e.clip_views, "render_size": e.clip_render_size,
+            "held_out_prompts": float(own.mean()),
+            "against_other_prompt": float(torch.cat(others).mean()) if others else float("nan"),
+            "per_prompt": {p: float(own[k].mean()) for k, p in enumerate(e.prompts)},
+        }
+
+    # Editing: outside the region nothing moves; inside follows the new prompt; inpaint vs replace seams.
+    src = generate(cfg, e.prompts[0], out / "edit_source", seed=cfg.seed, models=models, video=False)
+    src_maps = src["maps"]
+    R = src_maps.shape[-1]
+    region_parts = edit_mod.region_parts(e.edit_region)
+    uv_region = torch.zeros(R, R, dtype=torch.bool)
+    for p in region_parts:
+        uv_region |= resize_mask(parts[p], R).cpu()
+    valid = torch.zeros(R, R, dtype=torch.bool)
+    for m in parts.values():
+        valid |= resize_mask(m, R).cpu()
+    edit_rows = {}
+    for method in ("inpaint", "replace"):
+        r_ = edit(cfg, src["dir"], e.edit_region, e.edit_prompt, out / f"edit_{method}", seed=cfg.seed + 7,
+                  method=method, models=models, video=False)
+        cells = r_["region_cells"]
+        lat_out = (r_["latent"] - r_["source_latent"])[:, ~cells].abs().max().item() if (~cells).any() else 0.0
+        diff = (r_["maps"] - src_maps)[0, ATTRIBUTE_SLICES["rgb"]].abs().cpu()  # [3, R, R]
+        outside = valid & ~uv_region
+        asked = parse_prompt(e.edit_prompt)
+        inside_score = score_colour_map(r_["maps"][0, ATTRIBUTE_SLICES["rgb"]].cpu(), parts,
+                                        {k: v for k, v in asked.items() if k.startswith("top")})
+        cells_map = torch.nn.functional.interpolate(cells[None, None].float(), size=(R, R), mode="nearest")[0, 0] > 0.5
+        seam_map = edit_mod.seam_gradient(r_["maps"][0, ATTRIBUTE_SLICES["rgb"]].cpu(), cells_map, valid)
+        edit_rows[method] = {
+            "latent_max_abs_change_outside": lat_out,
+            "colour_map_mean_abs_change_outside": float(diff[:, outside].mean()),
+            "colour_map_mean_abs_change_inside": float(diff[:, uv_region & valid].mean()),
+            "inside_follows_prompt": _mean_score([inside_score]),
+            "seam_ratio_latent": r_["seam"]["ratio"],
+            "seam_ratio_colour_map": seam_map["ratio"],
+        }
+    report["editing"] = {"region": e.edit_region, "prompt": e.edit_prompt, "source_prompt": e.prompts[0],
+                         **edit_rows}
+
+    # The latent-resolution ablation: decoder reconstruction PSNR at two latent resolutions, same budget.
+    if ablation:
+        rows = {}
+        for r in e.ablation_resolutions:
+            factor = max(1, cfg.teacher.resolution // r)
+            sub = _with(cfg, [f"distill.upsample_factor={factor}"])
+            res = distill(sub, progress=progress, latent_resolution=r, steps=e.ablation_steps,
+                          out_dir=out / f"ablation_r{r}", resume=None)
+            rows[str(r)] = {"psnr_heldout": res.get("psnr_heldout"), "psnr_train": res.get("psnr_train"),
+                            "upsample_factor": factor, "steps": res["steps"], "seconds": res["seconds"]}
+        report["latent_resolution_ablation"] = rows
+    report["seconds"] = time.perf_counter() - start
+    save_json(out / "evaluation.json", report)
+    (out / "evaluation.md").write_text(format_report(report), encoding="utf-8")
+    return report
+
+
+def _with(cfg: TeraConfig, overrides: list[str]) -> TeraConfig:
+    return merge_overrides(copy.deepcopy(cfg), overrides)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The evaluation as Markdown tables."""
+    lines = ["## Text faithfulness (fraction of asked garment attributes found in the UV colour map)", "",
+             "| rows | score |", "|---|---|"]
+    tf = report["text_faithfulness"]
+    for k in ("held_out_prompts", "held_out_avatars_scored_against_random_caption", "random_training_captions",
+              "random_caption_avatars_scored_against_another_caption", "scorer_on_ground_truth_textures"):
+        lines.append(f"| {k.replace('_', ' ')} | {tf[k]:.3f} |")
+    lines += ["", "| held-out prompt | asked | score | combination in training set |", "|---|---|---|---|"]
+    for p in tf["per_prompt"]:
+        lines.append(f"| {p['prompt']} | {p['asked']} | {p['score']:.2f} | {p['combination_in_training_set']} |")
+    lines += [""] + format_clip(report.get("clip_score"))
+    ed = report["editing"]
+    lines += ["", f"## Editing: region `{ed['region']}`, prompt \"{ed['prompt']}\"", "",
+              "| method | latent max abs change outside | colour map mean abs change outside | inside | "
+              "inside follows prompt | seam ratio (latent) | seam ratio (colour map) |", "|---|---|---|---|---|---|---|"]
+    for m in ("inpaint", "replace"):
+        r = ed[m]
+        lines.append(f"| {m} | {r['latent_max_abs_change_outside']:.2e} | {r['colour_map_mean_abs_change_outside']:.4f} |"
+                     f" {r['colour_map_mean_abs_change_inside']:.4f} | {r['inside_follows_prompt']:.2f} |"
+                     f" {r['seam_ratio_latent']:.3f} | {r['seam_ratio_colour_map']:.3f} |")
+    if "latent_resolution_ablation" in report:
+        lines += ["", "## Latent-resolution ablation (decoder reconstruction PSNR, dB)", "",
+                  "| latent resolution | upsample | steps | PSNR held-out views | PSNR training views |",
+                  "|---|---|---|---|---|"]
+        for r, row in report["latent_resolution_ablation"].items():
+            lines.append(f"| {r} | x{row['upsample_factor']} | {row['steps']} | {row['psnr_heldout']:.2f} |"
+                         f" {row['psnr_train']:.2f} |")
+    return "\n".join(lines) + "\n"
+

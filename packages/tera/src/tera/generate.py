@@ -1,0 +1,156 @@
+"""What a user does with a trained TeRA run: text -> avatar (Sec. 3.4), try-on editing (Sec. 3.5), animation by
+the body's skinning (Sec. 3.1) and export to files other tools open. ``tera generate / edit / animate / export``."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from avatar_core.errors import ConfigError, InputError
+from avatar_core.io import image_grid, save_image, save_json, save_tensors, write_video
+from tera import animate as anim
+from tera import edit as edit_mod
+from tera.avatars import (
+    Models,
+    body_centre,
+    decode,
+    load_avatar,
+    load_models,
+    maps_image,
+    slug,
+    turntable_cameras,
+    write_avatar,
+)
+from tera.config import TeraConfig
+from tera.latent_diffusion import SAMPLERS
+from tera.runs import run_paths
+
+log = logging.getLogger(__name__)
+
+__all__ = ["animate", "edit", "export", "generate", "sample_latents", "sampling"]
+
+
+def _check_prompt(prompt: str) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("the prompt is empty", 'describe the avatar, e.g. "a woman in a red dress"')
+    return prompt.strip()
+
+
+def sampling(cfg: TeraConfig, sampler: str | None = None) -> dict[str, Any]:
+    """The sampler settings of ``cfg.generate`` (checked) as keywords of :func:`sample_latents`."""
+    g = cfg.generate
+    sampler = sampler or g.sampler
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"generate.sampler={sampler!r}", f"use one of: {', '.join(SAMPLERS)}")
+    return {"sampler": sampler, "steps": g.steps or None, "guidance": g.guidance or None}
+
+
+def sample_latents(models: Models, prompts: list[str], seed: int, **options) -> Tensor:  # [B, C, h, w]
+    gen = torch.Generator().manual_seed(int(seed))
+    return models.diffusion.sample(prompts, generator=gen, **options)
+
+
+def generate(cfg: TeraConfig, prompt: str, out_dir: str | Path | None = None, seed: int | None = None,
+             models: Models | None = None, video: bool = True) -> dict[str, Any]:
+    """Text -> avatar (Sec. 3.4): sample a latent, decode, write every output; returns paths and timings."""
+    prompt = _check_prompt(prompt)
+    models = models or load_models(cfg)
+    seed = cfg.generate.seed if seed is None else seed
+    settings = sampling(cfg)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        latent = sample_latents(models, [prompt], seed, **settings)[0].cpu()
+    for w in caught:
+        log.warning("%s", w.message)
+    t_sample = time.perf_counter() - t0
+    out = Path(out_dir) if out_dir is not None else run_paths(cfg).avatars / f"{slug(prompt)}_s{seed}"
+    res = write_avatar(cfg, models, latent, out, {"prompt": prompt, "seed": seed, **settings, "kind": "generate"},
+                       video=video)
+    res["seconds_sample"] = t_sample
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+def edit(cfg: TeraConfig, avatar_path: str | Path, region: str, prompt: str, out_dir: str | Path | None = None,
+         seed: int | None = None, method: str | None = None, models: Models | None = None,
+         video: bool = True) -> dict[str, Any]:
+    """Structure-aware editing / try-on (Sec. 3.5): regenerate ``region`` under ``prompt``; the source is kept."""
+    prompt = _check_prompt(prompt)
+    edit_mod.parse_regions(region)  # an unknown region fails here, listing the valid ones, before anything loads
+    method = method or cfg.edit.method
+    models = models or load_models(cfg)
+    latent, meta = load_avatar(avatar_path, models)
+    model = models.diffusion
+    cells = edit_mod.region_mask(models.avatar.uv_mapper.part_masks(), region, model.latent_shape[1:],
+                                 rule=cfg.edit.rule, dilate=cfg.edit.dilate)
+    seed = cfg.generate.seed if seed is None else seed
+    settings = sampling(cfg)
+    t0 = time.perf_counter()
+    new = edit_mod.edit(model, latent, cells.cpu(), prompt, generator=torch.Generator().manual_seed(int(seed)),
+                        method=method, **settings).cpu()
+    t_edit = time.perf_counter() - t0
+    src_dir = Path(avatar_path) if Path(avatar_path).is_dir() else Path(avatar_path).parent
+    out = Path(out_dir) if out_dir is not None else src_dir.parent / f"{src_dir.name}__{slug(region)}_{slug(prompt, 24)}"
+    if out.resolve() == src_dir.resolve():
+        raise InputError(f"the edit would overwrite its source avatar in {src_dir}", "choose another output folder")
+    seam = edit_mod.seam_gradient(new, cells)
+    prov = {"prompt": prompt, "seed": seed, **settings, "kind": "edit", "region": region, "method": method,
+            "source": str(avatar_path), "source_prompt": meta.get("prompt"), "seam": seam,
+            "changed_outside_region": float((new - latent)[:, ~cells].abs().max()) if (~cells).any() else 0.0}
+    res = write_avatar(cfg, models, new, out, prov, video=video)
+    res.update({"seconds_edit": t_edit, "seam": seam, "cells": int(cells.sum()), "latent": new, "source_latent": latent,
+                "region_cells": cells})
+    return res
+
+
+def animate(cfg: TeraConfig, avatar_path: str | Path, out: str | Path | None = None, motion: str | None = None,
+            models: Models | None = None) -> dict[str, Any]:
+    """A clip of the avatar with a built-in motion, posed by the body's skinning (Sec. 3.1)."""
+    a = cfg.animate
+    motion = motion or a.motion
+    if motion not in anim.MOTIONS:
+        raise InputError(f"unknown motion {motion!r}", f"use one of: {', '.join(anim.MOTIONS)}")
+    models = models or load_models(cfg, with_diffusion=False)
+    latent, meta = load_avatar(avatar_path, models)
+    t0 = time.perf_counter()
+    _, g = decode(models, latent)
+    body = models.avatar.body
+    poses = anim.builtin_motion(body, motion, a.frames).to(models.device)
+    frames = anim.animate(models.avatar, g, poses)
+    centre = body_centre(frames.means[0])
+    cam = turntable_cameras(cfg, 1, centre, a.render_size)
+    images = anim.render_frames(models.avatar, frames, cam, tuple(cfg.data.background))
+    src_dir = Path(avatar_path) if Path(avatar_path).is_dir() else Path(avatar_path).parent
+    path = Path(out) if out is not None else src_dir / f"{motion}.mp4"
+    written = write_video(path, images.cpu(), fps=a.fps)
+    strip = save_image(path.with_suffix(".png"), image_grid(images[:: max(1, a.frames // 4)][:4].cpu(), nrow=4))
+    return {"video": str(written), "strip": str(strip), "frames": a.frames, "motion": motion,
+            "seconds": time.perf_counter() - t0}
+
+
+def export(cfg: TeraConfig, avatar_path: str | Path, out_dir: str | Path, motion: str | None = None) -> dict[str, Any]:
+    """The avatar as files for other tools: canonical PLY, attribute maps, and optionally posed PLYs per frame."""
+    models = load_models(cfg, with_diffusion=False)
+    latent, meta = load_avatar(avatar_path, models)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    maps, g = decode(models, latent)
+    files = {"ply": str(g.save_ply(out / "canonical.ply")),
+             "maps": str(save_tensors(out / "maps.safetensors", {"maps": maps[0].cpu()}, {"source": str(avatar_path)})),
+             "maps_png": str(save_image(out / "maps.png", maps_image(maps)))}
+    if motion:
+        frames = anim.animate(models.avatar, g, anim.builtin_motion(models.avatar.body, motion,
+                                                                    cfg.animate.frames).to(models.device))
+        for t in range(len(frames)):
+            frames[t].save_ply(out / f"{motion}_{t:03d}.ply")
+        files["posed"] = f"{out}/{motion}_NNN.ply ({len(frames)} frames)"
+    save_json(out / "export.json", {"source": str(avatar_path), "provenance": meta, "files": files})
+    return files
+

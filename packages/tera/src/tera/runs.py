@@ -1,0 +1,113 @@
+"""What every TeRA stage shares: the run folder's layout, the device, the body's UV Gaussian avatar and the dataset.
+
+Files under ``cfg.run_dir``::
+
+    teacher/<avatar_id>.safetensors   teacher UV features [C, H, W] (+ decoder.safetensors)   tera.teacher
+    distill/decoder.safetensors       distillation decoder + its settings                      tera.stage1
+    distill/latents.safetensors       the dataset's latents [A, C, r, r] (ids in the metadata)  tera.stage1
+    distill/checkpoints/, metrics.jsonl
+    diffusion/model/                  config.json + model.safetensors                           tera.stage2
+    diffusion/checkpoints/, metrics.jsonl
+    avatars/<name>/                   avatar.safetensors (latent + provenance), avatar.ply, maps.png,
+                                      maps.safetensors, turntable.mp4, preview.png, settings.json   tera.generate
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from avatar_core.body import BodyOutput, UVMapper, load_body_model
+from avatar_core.cameras import Cameras
+from avatar_core.env import resolve_device
+from avatar_core.errors import MissingFileError
+from tera import animate as anim
+from tera.config import TeraConfig
+from tera.data import TeraDataset, ensure_dataset
+from tera.distill import PerceptualLoss
+from tera.uv_gaussians import GaussianBatch, UVDecoder, UVGaussianAvatar
+
+__all__ = ["RunPaths", "build_avatar", "load_dataset", "perceptual", "posed_render", "run_paths", "train_device",
+           "uv_decoder"]
+
+
+def train_device(cfg: TeraConfig) -> torch.device:
+    """The device of this process: under ``accelerate launch`` each process has its own GPU."""
+    dev = resolve_device(cfg.device, cfg.threads)
+    if cfg.device == "auto":
+        from accelerate import PartialState
+
+        return PartialState().device
+    return dev
+
+
+@dataclass
+class RunPaths:
+    """Where each stage reads and writes (module docstring)."""
+
+    run: Path
+    teacher: Path
+    distill: Path
+    diffusion: Path
+    avatars: Path
+
+
+def run_paths(cfg: TeraConfig) -> RunPaths:
+    run = Path(cfg.run_dir)
+    teacher = Path(cfg.teacher.features_dir) if cfg.teacher.features_dir else run / "teacher"
+    distill = Path(cfg.distill.train.output_dir) if cfg.distill.train.output_dir else run / "distill"
+    diffusion = Path(cfg.diffusion.train.output_dir) if cfg.diffusion.train.output_dir else run / "diffusion"
+    return RunPaths(run, teacher, distill, diffusion, run / "avatars")
+
+
+@lru_cache(maxsize=4)
+def _body(name: str, model_dir: str | None):
+    return load_body_model(name, model_dir)
+
+
+@lru_cache(maxsize=4)
+def _avatar(name: str, model_dir: str | None, num_points: int, seed: int, uv_res: int, knn_k: int) -> UVGaussianAvatar:
+    body = _body(name, model_dir)
+    return UVGaussianAvatar(body, num_points, seed=seed, knn_k=knn_k, uv_mapper=UVMapper(body, uv_res))
+
+
+def build_avatar(cfg: TeraConfig) -> UVGaussianAvatar:
+    """The UV Gaussian avatar of ``cfg.body`` (body model + fixed UV point set), built once per process."""
+    b = cfg.body
+    return _avatar(b.name, b.model_dir, int(b.num_points), int(b.point_seed), int(b.uv_resolution), int(b.knn_k))
+
+
+def load_dataset(cfg: TeraConfig, create: bool = False) -> TeraDataset:
+    """The configured dataset; with ``create`` it is written first when missing (``cfg.data`` sizes)."""
+    d = cfg.data
+    if create:
+        ensure_dataset(d.root, d.num, d.views, d.res, d.uv_res, d.seed, cfg.body.name)
+    if not (Path(d.root) / "meta.json").is_file():
+        raise MissingFileError(f"no avatar dataset at {d.root}",
+                               f"write one with `avatar-core make-dataset --out {d.root} --num {d.num} --views {d.views}"
+                               f" --res {d.res} --uv-res {d.uv_res}`, or set data.root=...")
+    return TeraDataset(d.root, d.image_size, d.max_avatars)
+
+
+def posed_render(avatar: UVGaussianAvatar, gaussians: GaussianBatch, body: BodyOutput | None, cameras: Cameras,
+                 background) -> Tensor:  # [1, V, H, W, 3]
+    """Canonical Gaussians skinned onto a posed body (if given) and rendered in ``cameras``."""
+    if body is not None:
+        gaussians = anim.pose_gaussians(avatar, gaussians, body)
+    rgb, _ = avatar.render(gaussians, cameras, background)
+    return rgb
+
+
+def perceptual(cfg: TeraConfig) -> PerceptualLoss:
+    """The perceptual loss of the teacher and stage 1 (VGG16 weights from ``teacher.vgg_weights``)."""
+    return PerceptualLoss(cfg.teacher.vgg_weights)
+
+
+def uv_decoder(cfg: TeraConfig) -> UVDecoder:
+    """A fresh IDOL-style UV decoder with the teacher's sizes."""
+    t = cfg.teacher
+    return UVDecoder(t.channels, t.geometry_channels, t.geometry_hidden, t.texture_hidden, t.offset_init)

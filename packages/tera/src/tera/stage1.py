@@ -1,0 +1,151 @@
+"""TeRA stage 1 (Sec. 3.3, Eq. 1): the distillation decoder trained on the teacher's latents to reproduce each
+avatar's posed multi-view renders; ``tera distill``. Writes ``distill/decoder.safetensors`` (weights + the
+settings that rebuild it) and ``distill/latents.safetensors``, and reports the held-out view PSNR."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from avatar_core.config import config_to_dict
+from avatar_core.errors import ConfigError, CorruptFileError, MissingFileError
+from avatar_core.io import load_tensors, save_json, save_tensors
+from avatar_core.metrics import psnr
+from avatar_core.train import Trainer, global_batches, shard_batch
+from tera.config import TeraConfig
+from tera.data import TeraDataset, training_views
+from tera.distill import DistillationDecoder, render_loss
+from tera.runs import build_avatar, load_dataset, perceptual, posed_render, run_paths, train_device, uv_decoder
+from tera.teacher import DECODER_FILE, teacher_latents
+from tera.uv_gaussians import UVGaussianAvatar, composite
+
+__all__ = ["DECODER_FORMAT", "distill", "load_decoder", "reconstruction_psnr"]
+
+DECODER_FORMAT = "tera.distill_decoder/1"
+
+
+def _decoder_settings(cfg: TeraConfig, latent_resolution: int) -> dict[str, Any]:
+    t, d, b = cfg.teacher, cfg.distill, cfg.body
+    return {"format": DECODER_FORMAT, "latent_channels": t.channels, "latent_resolution": latent_resolution,
+            "upsample_factor": d.upsample_factor, "hidden_channels": d.hidden_channels,
+            "geometry_channels": t.geometry_channels, "geometry_hidden": t.geometry_hidden,
+            "texture_hidden": t.texture_hidden, "offset_init": t.offset_init,
+            "body": b.name, "num_points": b.num_points, "point_seed": b.point_seed}
+
+
+def _build_decoder(s: dict[str, Any]) -> DistillationDecoder:
+    return DistillationDecoder(s["latent_channels"], s["upsample_factor"], s["hidden_channels"], s["geometry_channels"],
+                               s["geometry_hidden"], s["texture_hidden"], s["offset_init"])
+
+
+def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | None = None,
+            steps: int | None = None, out_dir: str | Path | None = None, resume: str | None = "auto") -> dict[str, Any]:
+    """Stage 1 (Eq. 1): train the distillation decoder on the teacher latents; report held-out view PSNR."""
+    start = time.perf_counter()
+    d = cfg.distill
+    r = int(latent_resolution or d.latent_resolution)
+    out = Path(out_dir) if out_dir is not None else run_paths(cfg).distill
+    device = train_device(cfg)
+    ds = load_dataset(cfg)
+    latents = teacher_latents(cfg, ds, r)
+    avatar = build_avatar(cfg).to(device)
+    settings = _decoder_settings(cfg, r)
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only: runs are reproducible
+    decoder = _build_decoder(settings)
+    teacher_file = run_paths(cfg).teacher / DECODER_FILE
+    if d.init_from_teacher and teacher_file.is_file():
+        head = uv_decoder(cfg)
+        head.load_state_dict(load_tensors(teacher_file)[0])
+        decoder.load_teacher_head(head)
+    loss_net = perceptual(cfg).to(device)
+    bg = tuple(cfg.data.background)
+    train_v = training_views(ds.num_views, list(cfg.data.eval_views))
+    bodies = [ds.body_output(i, avatar.body) for i in range(len(ds))]
+    seed = cfg.seed
+
+    def data(epoch: int) -> list[dict[str, Tensor]]:
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(ds))
+        out_b = []
+        for idx in global_batches(order, d.batch_size):
+            views = np.stack([rng.choice(train_v, size=min(d.views_per_step, len(train_v)), replace=False) for _ in idx])
+            out_b.append(shard_batch({"index": torch.as_tensor(idx), "views": torch.as_tensor(views)}))
+        return out_b
+
+    def step_fn(model, batch):
+        total, parts = 0.0, []
+        for i, views in zip(batch["index"].tolist(), batch["views"].tolist()):
+            images, cams = ds.views(i, views)
+            maps = model(latents[i:i + 1].to(device))
+            g = avatar(maps)
+            pred = posed_render(avatar, g, bodies[i], cams.to(device), bg)
+            target = composite(images.to(device), bg)[None]
+            loss, p = render_loss(pred, target, g.offsets, loss_net, 1.0, d.lambda_vgg, d.lambda_offset, sum_views=True)
+            total = total + loss / len(batch["index"])
+            parts.append(p)
+        return total, {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
+
+    tc = config_to_dict(d.train)
+    tc["output_dir"] = str(out)
+    tc["progress_bar"] = bool(progress and tc.get("progress_bar", True))
+    if steps is not None:
+        tc["max_steps"] = int(steps)
+    trainer = Trainer(tc, decoder, lambda p: torch.optim.Adam(p, lr=d.lr), step_fn, data,
+                      run_config={"latent_resolution": r, "lr": d.lr, "batch_size": d.batch_size})
+    last = trainer.train(resume=resume)
+    decoder = trainer.unwrapped_model
+    if trainer.ema is not None:
+        trainer.ema.copy_to(decoder)
+    decoder.eval()
+    if not trainer.accelerator.is_main_process:  # other processes of `accelerate launch` stop here
+        return {"latent_resolution": r, "steps": trainer.step}
+    save_tensors(out / "decoder.safetensors", decoder.state_dict(), settings)
+    save_tensors(out / "latents.safetensors", {"latents": latents}, {"ids": ds.ids, "latent_resolution": r})
+    recon = reconstruction_psnr(cfg, decoder, latents, ds, avatar)
+    result = {"latent_resolution": r, "steps": trainer.step, "final_loss": last.get("loss"),
+              **recon, "seconds": time.perf_counter() - start}
+    save_json(out / "summary.json", result)
+    return result
+
+
+@torch.no_grad()
+def reconstruction_psnr(cfg: TeraConfig, decoder: DistillationDecoder, latents: Tensor, ds: TeraDataset,
+                        avatar: UVGaussianAvatar) -> dict[str, float]:
+    """PSNR of decoded, posed renders against the dataset's views: held-out and training views."""
+    bg = tuple(cfg.data.background)
+    device = next(decoder.parameters()).device
+    held = list(cfg.data.eval_views)
+    train_v = training_views(ds.num_views, held)
+    decoder.eval()
+    res = {"psnr_heldout": [], "psnr_train": []}
+    for i in range(len(ds)):
+        g = avatar(decoder(latents[i:i + 1].to(device)))
+        for key, views in (("psnr_heldout", held), ("psnr_train", train_v[:2])):
+            if not views:
+                continue
+            images, cams = ds.views(i, views)
+            pred = posed_render(avatar, g, ds.body_output(i, avatar.body), cams.to(device), bg)
+            res[key].append(float(psnr(pred[0].cpu(), composite(images, bg)).mean()))
+    return {k: float(np.mean(v)) for k, v in res.items() if v}
+
+
+def load_decoder(cfg: TeraConfig, directory: str | Path | None = None) -> tuple[DistillationDecoder, dict]:
+    """The trained distillation decoder and its settings; checked against the config's body."""
+    path = Path(directory or run_paths(cfg).distill) / "decoder.safetensors"
+    if not path.is_file():
+        raise MissingFileError(f"no distillation decoder at {path}", "run `tera distill` first")
+    tensors, settings = load_tensors(path)
+    if settings.get("format") != DECODER_FORMAT:
+        raise CorruptFileError(f"{path} is not a TeRA distillation decoder", "point run_dir at a TeRA run")
+    if settings["body"] != cfg.body.name:
+        raise ConfigError(f"the decoder in {path} was trained on body {settings['body']!r}, the config says "
+                          f"{cfg.body.name!r}", f"set body.name={settings['body']} or train a new run")
+    decoder = _build_decoder(settings)
+    decoder.load_state_dict(tensors)
+    return decoder.eval(), settings
+
