@@ -180,10 +180,10 @@ def test_feature_cache_keyed_by_encoder_and_rebuilt_when_truncated(tmp_path):
 
     ident = {"encoder": "linear", "weights": module_fingerprint(enc), "size": 4}
     cache = FeatureCache(tmp_path, "feats", ident)
-    assert cache.build(ids, compute, batch_size=2) == {"computed": 5, "rebuilt": 0, "reused": 0}
+    assert cache.build(ids, compute, batch_size=2) == {"computed": 5, "rebuilt": 0, "reused": 0, "failed": []}
     first = cache.get("000002")["feat"]
     calls.clear()
-    assert FeatureCache(tmp_path, "feats", ident).build(ids, compute) == {"computed": 0, "rebuilt": 0, "reused": 5}
+    assert FeatureCache(tmp_path, "feats", ident).build(ids, compute) == {"computed": 0, "rebuilt": 0, "reused": 5, "failed": []}
     assert calls == []
     # A changed setting or changed weights select another cache; the old one is left as it was.
     assert FeatureCache(tmp_path, "feats", {**ident, "size": 8}).build(ids, compute)["computed"] == 5
@@ -198,10 +198,15 @@ def test_feature_cache_keyed_by_encoder_and_rebuilt_when_truncated(tmp_path):
     with pytest.raises(CorruptFileError, match="000004"):
         cache.get("000004")
     calls.clear()
-    assert cache.build(ids, compute) == {"computed": 0, "rebuilt": 1, "reused": 4} and calls == ["000004"]
+    assert cache.build(ids, compute) == {"computed": 0, "rebuilt": 1, "reused": 4, "failed": []}
+    assert calls == ["000004"]
     # An entry copied in from another cache is stale, not served.
     shutil.copy(changed.folder.path("000001"), cache.folder.path("000001"))
     assert not cache.valid("000001")
+    # Items the feature function cannot read are reported, not written.
+    other = FeatureCache(tmp_path, "feats", {**ident, "size": 9})
+    r = other.build(ids, lambda chunk: [None if i == "000002" else {"feat": torch.zeros(1)} for i in chunk])
+    assert r["failed"] == ["000002"] and r["computed"] == 4 and not other.folder.exists("000002")
 
 
 def test_channel_moments_match_the_whole_tensor():

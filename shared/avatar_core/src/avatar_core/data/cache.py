@@ -31,9 +31,9 @@ from avatar_core.io.tensors import METADATA_KEY
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureCache", "identity_key", "module_fingerprint"]
+__all__ = ["FeatureCache", "files_fingerprint", "identity_key", "module_fingerprint"]
 
-Compute = Callable[[list[str]], Sequence[Mapping[str, Tensor]]]
+Compute = Callable[[list[str]], Sequence[Mapping[str, Tensor] | None]]
 
 
 def identity_key(identity: Mapping[str, Any]) -> str:
@@ -43,6 +43,19 @@ def identity_key(identity: Mapping[str, Any]) -> str:
     except (TypeError, ValueError) as e:
         raise InputError(f"a cache identity must be JSON ({e})", "use strings, numbers, lists and dicts") from e
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def files_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
+    """SHA-256 (16 hex digits) of the files' names, sizes and modification times (absent files count as absent):
+    the identity of the inputs a derived feature was computed from (a refitted triplane changes it)."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{os.fspath(p)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        except OSError:
+            h.update(f"{os.fspath(p)}:absent;".encode())
+    return h.hexdigest()[:16]
 
 
 def module_fingerprint(module: nn.Module) -> str:
@@ -103,9 +116,11 @@ class FeatureCache:
     def build(self, ids: Sequence[str], compute: Compute, batch_size: int = 16, progress: bool = False,
               rank: int = 0, world_size: int = 1) -> dict[str, int]:
         """Compute the features of every item of ``ids`` (this process's ``rank::world_size`` share) that has no
-        valid entry. ``compute(item_ids) -> [features dict per item]`` runs on batches of ``batch_size``.
+        valid entry. ``compute(item_ids) -> [features dict per item]`` runs on batches of ``batch_size``; it gives
+        None for an item it could not read (a caller that skips bad items), which is then left out.
 
-        Returns counts: ``computed`` (new), ``rebuilt`` (truncated / foreign entries replaced), ``reused``.
+        Returns counts: ``computed`` (new), ``rebuilt`` (truncated / foreign entries replaced), ``reused``, and
+        ``failed``: the ids compute gave None for.
         """
         if batch_size < 1:
             raise InputError(f"batch_size={batch_size}", "use at least 1")
@@ -120,6 +135,7 @@ class FeatureCache:
                 log.warning("cached %s of item %s is truncated or stale; rebuilding it", self.name, i)
                 rebuilt += 1
             todo.append(i)
+        failed: list[str] = []
         bar = tqdm(total=len(todo), desc=f"cache {self.name}", disable=not progress or not todo)
         for s in range(0, len(todo), batch_size):
             chunk = todo[s:s + batch_size]
@@ -128,10 +144,14 @@ class FeatureCache:
                 raise InputError(f"the feature function returned {len(feats)} items for {len(chunk)}",
                                  "return one dict of tensors per item id")
             for i, f in zip(chunk, feats):
+                if f is None:
+                    failed.append(i)
+                    continue
                 self.put(i, {k: v.detach().cpu() for k, v in f.items()})
             bar.update(len(chunk))
         bar.close()
-        return {"computed": len(todo) - rebuilt, "rebuilt": rebuilt, "reused": len(mine) - len(todo)}
+        return {"computed": len(todo) - rebuilt - len(failed), "rebuilt": rebuilt, "reused": len(mine) - len(todo),
+                "failed": failed}
 
     def _write_identity(self) -> None:
         path = self.dir / "identity.json"
