@@ -1,0 +1,1 @@
+"""The three stages of GaussianIP wired together (:mod:`gaussianip.system.pipeline`)."""
