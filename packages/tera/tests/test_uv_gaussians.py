@@ -193,16 +193,3 @@ def test_quaternion_helpers_agree_with_rodrigues():
     mats = axis_angle_to_matrix(aa)
     torch.testing.assert_close(quaternion_to_matrix(axis_angle_to_quaternion(aa)), mats, atol=1e-10, rtol=0)
     torch.testing.assert_close(quaternion_to_matrix(matrix_to_quaternion(mats)), mats, atol=1e-10, rtol=0)
-
-
-def test_builtin_motions_do_what_they_say(body):
-    """Walk: the left foot is forward when the left hip swings forward; wave: the right hand is above the head."""
-    walk = builtin_motion(body, "walk", 8)
-    out = body(pose=walk)
-    foot_l, foot_r = body.joint_index("foot.L"), body.joint_index("foot.R")
-    assert out.joints[2, foot_l, 2] > out.joints[2, foot_r, 2] + 0.1  # sin(phase) = 1 at frame T / 4
-    assert out.joints[6, foot_r, 2] > out.joints[6, foot_l, 2] + 0.1
-    wave = body(pose=builtin_motion(body, "wave", 8))
-    assert (wave.joints[:, body.joint_index("wrist.R"), 1] > wave.joints[:, body.joint_index("head"), 1]).all()
-    with pytest.raises(InputError, match="walk"):
-        builtin_motion(body, "moonwalk")

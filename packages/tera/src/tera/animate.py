@@ -5,11 +5,11 @@ posed triangles (they stay exactly on the posed body) and rotates their canonica
 skinning transform (linear blend skinning, as the mesh itself is skinned); each Gaussian's rotation is composed
 with the nearest rotation to that blended transform. Changing the body's shape parameters moves the anchors the
 same way, so the avatar follows a shape edit. Texture editing rewrites the colour channels of the attribute map.
+Motions (built-in loops, SMPL-X / AMASS sequences) are the kernel's (:mod:`avatar_core.body.motions`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -17,46 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from avatar_core.body import BodyOutput, UVMapper
-from avatar_core.body.model import axis_angle_to_matrix, blend_transforms
+from avatar_core.body.model import blend_transforms
+from avatar_core.body.motions import MOTIONS, builtin_motion  # the kernel's motions, for TeRA's callers
 from avatar_core.cameras import Cameras
 from avatar_core.errors import InputError
-from tera.uv_gaussians import (
-    ATTRIBUTE_SLICES,
-    GaussianBatch,
-    UVGaussianAvatar,
-    matrix_to_quaternion,
-    quaternion_multiply,
-    resize_mask,
-)
-
-#: Names of the built-in motions (:func:`builtin_motion`).
-MOTIONS = ("walk", "wave")
-
-# Joint roles for the built-in motions, resolved per body model (Anny's names first, then SMPL-X's).
-_ROLES: dict[str, tuple[str, ...]] = {
-    "hip.L": ("upperleg01.L", "left_hip"),
-    "hip.R": ("upperleg01.R", "right_hip"),
-    "knee.L": ("lowerleg01.L", "left_knee"),
-    "knee.R": ("lowerleg01.R", "right_knee"),
-    "shoulder.L": ("upperarm01.L", "left_shoulder"),
-    "shoulder.R": ("upperarm01.R", "right_shoulder"),
-    "elbow.L": ("lowerarm01.L", "left_elbow"),
-    "elbow.R": ("lowerarm01.R", "right_elbow"),
-}
-
+from avatar_core.rotations import nearest_rotation, rotate_quaternions
+from tera.uv_gaussians import ATTRIBUTE_SLICES, GaussianBatch, UVGaussianAvatar, resize_mask
 
 # --------------------------------------------------------------------------------------------------
 # Posing
 # --------------------------------------------------------------------------------------------------
-
-
-def nearest_rotation(matrix: Tensor) -> Tensor:  # [..., 3, 3] -> [..., 3, 3]
-    """The rotation closest to a (blended, slightly non-orthonormal) 3x3 matrix: the polar factor by SVD."""
-    u, _, vh = torch.linalg.svd(matrix)
-    d = torch.det(u @ vh)
-    fix = torch.ones_like(matrix[..., 0])
-    fix[..., 2] = torch.sign(d) + (d == 0).to(d.dtype)  # keep det = +1 where the blend flips an axis
-    return (u * fix[..., None, :]) @ vh
 
 
 def pose_gaussians(avatar: UVGaussianAvatar, gaussians: GaussianBatch, body_output: BodyOutput) -> GaussianBatch:
@@ -75,8 +45,7 @@ def pose_gaussians(avatar: UVGaussianAvatar, gaussians: GaussianBatch, body_outp
     dt = gaussians.means.dtype
     linear = linear.to(dt)
     means = surf.to(dt) + (linear @ gaussians.offsets[..., None])[..., 0]
-    rot_q = matrix_to_quaternion(nearest_rotation(linear))
-    quats = quaternion_multiply(rot_q, F.normalize(gaussians.quats, dim=-1))
+    quats = rotate_quaternions(nearest_rotation(linear), gaussians.quats)
     n = means.shape[0]
     expand = lambda t: t.expand(n, *t.shape[1:])  # noqa: E731
     return GaussianBatch(means, quats, expand(gaussians.scales), expand(gaussians.opacities),
@@ -125,75 +94,6 @@ def render_frames(
             rgb, _ = avatar.render(frames[t], cam, background)
             images.append(rgb[0, 0])
     return torch.stack(images)
-
-
-# --------------------------------------------------------------------------------------------------
-# Built-in motions
-# --------------------------------------------------------------------------------------------------
-
-
-def _joint(body, role: str) -> int:
-    for name in _ROLES[role]:
-        if name in body.joint_names:
-            return body.joint_index(name)
-    raise InputError(f"{body.name} has none of the joints {_ROLES[role]} that the built-in motions use",
-                     "pass your own pose sequence to animate()")
-
-
-def _rot(axis: str, deg: Tensor) -> Tensor:  # [T] -> [T, 3, 3]
-    aa = torch.zeros(deg.shape[0], 3, dtype=torch.float64)
-    aa[:, "xyz".index(axis)] = torch.deg2rad(deg)
-    return axis_angle_to_matrix(aa)
-
-
-def _arm_drop_deg(body, side: str) -> float:
-    """Angle of the rest upper arm below the horizontal (about 45 for Anny's A-pose, 0 for a T-pose)."""
-    joints = body().rest_joints[0].double()
-    d = joints[_joint(body, f"elbow.{side}")] - joints[_joint(body, f"shoulder.{side}")]
-    return math.degrees(math.atan2(-float(d[1]), abs(float(d[0]))))
-
-
-def builtin_motion(body, name: str = "walk", num_frames: int = 32) -> Tensor:  # [T, J-1, 3, 3]
-    """A short looping motion for demos, as per-joint rotation matrices ``[T, J-1, 3, 3]``.
-
-    ``"walk"``: walking in place (legs swing +-25 degrees about the left-right axis, knees bend on the forward
-    swing, arms hang at 70 degrees and swing against the legs). ``"wave"``: the right arm raised to 30 degrees
-    above the horizontal, its forearm waving in the frontal plane twice per loop; the left arm hangs.
-    Angles are relative to the body's rest pose, measured on its rest joints, so Anny's A-pose and SMPL-X's
-    T-pose give the same motion. The last frame flows back into the first.
-    """
-    if name not in MOTIONS:
-        raise InputError(f"unknown motion {name!r}", f"use one of: {', '.join(MOTIONS)}, or pass your own poses")
-    if num_frames < 1:
-        raise InputError(f"a motion needs at least one frame, got {num_frames}", "pass e.g. num_frames=32")
-    J = body.num_joints
-    T = num_frames
-    phase = 2 * math.pi * torch.arange(T, dtype=torch.float64) / T
-    rots = torch.eye(3, dtype=torch.float64).expand(T, J, 3, 3).clone()  # index 0 is the root (unused)
-    drop_l, drop_r = _arm_drop_deg(body, "L"), _arm_drop_deg(body, "R")
-    zero = torch.zeros(T, dtype=torch.float64)
-
-    def lower(side: str, target_deg: float) -> Tensor:  # rotation taking the arm to target_deg below horizontal
-        delta = target_deg - (drop_l if side == "L" else drop_r)
-        # About +Z a negative angle lowers the left arm (+X side) and raises the right one.
-        return _rot("z", zero + (-delta if side == "L" else delta))
-
-    if name == "walk":
-        s = torch.sin(phase)
-        # About +X a negative angle swings a hanging limb forward (+Z): the body faces +Z.
-        rots[:, _joint(body, "hip.L")] = _rot("x", -25 * s)
-        rots[:, _joint(body, "hip.R")] = _rot("x", 25 * s)
-        rots[:, _joint(body, "knee.L")] = _rot("x", 30 * s.clamp_min(0))
-        rots[:, _joint(body, "knee.R")] = _rot("x", 30 * (-s).clamp_min(0))
-        rots[:, _joint(body, "shoulder.L")] = _rot("x", 20 * s) @ lower("L", 70)
-        rots[:, _joint(body, "shoulder.R")] = _rot("x", -20 * s) @ lower("R", 70)
-        rots[:, _joint(body, "elbow.L")] = _rot("x", zero - 10)
-        rots[:, _joint(body, "elbow.R")] = _rot("x", zero - 10)
-    else:
-        rots[:, _joint(body, "shoulder.R")] = lower("R", -30)
-        rots[:, _joint(body, "elbow.R")] = _rot("z", -(40 + 25 * torch.sin(2 * phase)))
-        rots[:, _joint(body, "shoulder.L")] = lower("L", 75)
-    return rots[:, 1:].to(body.template_vertices)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,7 +159,6 @@ __all__ = [
     "animate",
     "builtin_motion",
     "edit_texture",
-    "nearest_rotation",
     "pose_gaussians",
     "region_mask",
     "render_frames",

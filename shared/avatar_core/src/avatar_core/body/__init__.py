@@ -18,6 +18,7 @@ from avatar_core.body.model import (
     unskin_points,
     vertex_normals,
 )
+from avatar_core.body.motions import MOTIONS, Motion, builtin_motion, load_motion
 from avatar_core.body.skinning import (
     SurfaceBinding,
     bind_to_surface,
@@ -59,17 +60,21 @@ def load_body_model(
 
 __all__ = [
     "BODY_MODELS",
+    "MOTIONS",
     "OPENPOSE_18",
     "PART_NAMES",
     "SurfaceBinding",
     "UVMapper",
     "BodyModel",
     "BodyOutput",
+    "Motion",
     "axis_angle_to_matrix",
     "bind_to_surface",
+    "builtin_motion",
     "forward_kinematics",
     "interpolate_on_faces",
     "load_body_model",
+    "load_motion",
     "nearest_surface",
     "pose_correctives",
     "skin_gaussians",
