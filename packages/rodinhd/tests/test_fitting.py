@@ -1,13 +1,15 @@
 """Stage-1/2 fitting: IWC, the task-replay schedule, resuming, and fitting to a known triplane."""
 
-import inspect
+import dataclasses
 
 import pytest
 import torch
 
 from avatar_core.cameras import orbit_cameras
 from avatar_core.errors import ConfigError
+from avatar_core.train import process_shard
 from rodinhd.ablation import ABLATION_ROWS, ablation_row_settings
+from rodinhd.config import Stage1Config, Stage2Config
 from rodinhd.decoder import TriplaneDecoder
 from rodinhd.fitting import (
     PAPER_TABLE5,
@@ -15,7 +17,6 @@ from rodinhd.fitting import (
     fit_shared,
     fit_triplanes,
     iwc_penalty,
-    process_shard,
     task_replay_schedule,
 )
 from rodinhd.renderer import render_views
@@ -39,7 +40,15 @@ def _known_views(num_avatars: int, size: int = 16, views: int = 4):
     return (lambda aid: (data[aid], cams)), list(data)
 
 
-SMALL = dict(rays_per_step=32, num_samples=16, occupancy=False, progress=False, triplane_lr=5e-2, decoder_lr=1e-2)
+SMALL = dict(rays_per_step=32, num_samples=16, occupancy=False, triplane_lr=5e-2, decoder_lr=1e-2)
+
+
+def _stage1(**kw) -> Stage1Config:
+    return Stage1Config(**{**SMALL, **kw})
+
+
+def _stage2(**kw) -> Stage2Config:
+    return Stage2Config(**{**{k: v for k, v in SMALL.items() if k != "decoder_lr"}, **kw})
 
 
 def test_iwc_penalty_zero_at_snapshot_and_closed_form_gradient():
@@ -82,16 +91,17 @@ def test_task_replay_schedule_and_ablation_rows():
     assert totals == {120}
     assert ablation_row_settings("naive", 3, 120, 4)["outer_loops"] == 1
     assert ablation_row_settings("+ consolidation", 3, 120, 4)["iwc_weight"] == 0.1
-    # Every row and the paper's Table 5 preset are plain keyword arguments of the one fitting function.
-    accepted = set(inspect.signature(fit_shared).parameters)
-    assert set(PAPER_TABLE5) <= accepted
-    assert all(set(row) <= accepted for row in ABLATION_ROWS.values())
+    # Every row and the paper's Table 5 preset are settings of the one fitting function's Stage1Config.
+    paper = dataclasses.replace(Stage1Config(), **PAPER_TABLE5)
+    assert (paper.tv_weight, paper.l2_weight, paper.decoder_lr) == (1e-2, 1e-4, 2e-4)
+    for row in ABLATION_ROWS.values():
+        dataclasses.replace(Stage1Config(), **{k: v for k, v in row.items() if v is not None})
 
 
 def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path):
     """Exact state equality: decoder weights, Adam moments via the next visits, IWC states and triplanes."""
     get_views, ids = _known_views(2, size=8, views=2)
-    kw = dict(SMALL, outer_loops=2, inner_iterations=3, iwc_weight=0.1)
+    settings = _stage1(outer_loops=2, inner_iterations=3, iwc_weight=0.1)
 
     def run(root, splits):
         torch.manual_seed(0)
@@ -100,7 +110,7 @@ def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path):
         result = None
         for max_visits in splits:
             dec = TriplaneDecoder(C, hidden_dim=8)  # a fresh process: everything comes from disk
-            result = fit_shared(get_views, ids, dec, store, root, max_visits=max_visits, **kw)
+            result = fit_shared(get_views, ids, dec, store, root, settings, max_visits=max_visits, progress=False)
         return dec, store, result
 
     dec_a, store_a, res_a = run(tmp_path / "a", [None])
@@ -113,7 +123,8 @@ def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path):
     for aid in ids:
         assert torch.equal(store_a.load(aid), store_b.load(aid))
     with pytest.raises(ConfigError, match="iwc_weight"):
-        fit_shared(get_views, ids, TriplaneDecoder(C, hidden_dim=8), store_b, tmp_path / "b", **{**kw, "iwc_weight": 0.5})
+        fit_shared(get_views, ids, TriplaneDecoder(C, hidden_dim=8), store_b, tmp_path / "b",
+                   dataclasses.replace(settings, iwc_weight=0.5), progress=False)
 
 
 def test_fit_raises_psnr_and_stage2_keeps_decoder_frozen(tmp_path):
@@ -123,8 +134,9 @@ def test_fit_raises_psnr_and_stage2_keeps_decoder_frozen(tmp_path):
     store = TriplaneStore(tmp_path / "tp", C, R)
     store.save(ids[0], init_triplane(C, R, std=0.1, generator=torch.Generator().manual_seed(9)))
     before = evaluate_fit(get_views, ids, decoder, store, num_samples=24)[ids[0]]["psnr"]
-    kw = dict(SMALL, rays_per_step=64, num_samples=24, occupancy=True, grid_resolution=16)
-    fit_shared(get_views, ids, decoder, store, tmp_path, outer_loops=1, inner_iterations=150, **kw)
+    kw = dict(rays_per_step=64, num_samples=24, occupancy=True, grid_resolution=16)
+    fit_shared(get_views, ids, decoder, store, tmp_path, _stage1(outer_loops=1, inner_iterations=150, **kw),
+               progress=False)
     after = evaluate_fit(get_views, ids, decoder, store, num_samples=24)[ids[0]]["psnr"]
     print(f"psnr before {before:.2f} after {after:.2f}")
     assert after > before + 6.0, (before, after)
@@ -132,17 +144,14 @@ def test_fit_raises_psnr_and_stage2_keeps_decoder_frozen(tmp_path):
     # Stage 2: the decoder does not move, the triplane does not get worse, and the shard split is by rank.
     frozen = {n: p.clone() for n, p in decoder.state_dict().items()}
     out = TriplaneStore(tmp_path / "stage2", C, R)
-    kw2 = {k: v for k, v in kw.items() if k != "decoder_lr"}
-    assert fit_triplanes(get_views, ids, decoder, out, init_store=store, iterations=40, rank=1, world_size=2,
-                         **kw2) == []
-    assert fit_triplanes(get_views, ids, decoder, out, init_store=store, iterations=40, rank=0, world_size=2,
-                         **kw2) == ids
+    s2 = _stage2(iterations=40, **kw)
+    assert fit_triplanes(get_views, ids, decoder, out, store, s2, rank=1, world_size=2, progress=False) == []
+    assert fit_triplanes(get_views, ids, decoder, out, store, s2, rank=0, world_size=2, progress=False) == ids
     assert all(torch.equal(p, frozen[n]) for n, p in decoder.state_dict().items())
     assert all(p.requires_grad for p in decoder.parameters())
     refit = evaluate_fit(get_views, ids, decoder, out, num_samples=24)[ids[0]]["psnr"]
     print(f"stage 2 refit {refit:.2f}")
     assert refit > after - 0.5
     # A finished avatar is skipped on rerun.
-    assert fit_triplanes(get_views, ids, decoder, out, init_store=store, iterations=40, rank=0, world_size=1,
-                         **kw2) == []
+    assert fit_triplanes(get_views, ids, decoder, out, store, s2, rank=0, world_size=1, progress=False) == []
     assert process_shard(3, 4) == (3, 4)

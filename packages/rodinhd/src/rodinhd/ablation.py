@@ -6,24 +6,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from avatar_core.errors import InputError
+from rodinhd.config import AblationConfig, DecoderConfig, Stage1Config
 from rodinhd.decoder import TriplaneDecoder
 from rodinhd.fitting import GetViews, evaluate_fit, fit_shared
 from rodinhd.triplane import TriplaneStore
 
 __all__ = ["ABLATION_ROWS", "PAPER_ROWS", "ablation_row_settings", "ablate_fitting", "format_table"]
 
-#: Table 5's columns as :func:`fit_shared` settings. ``outer_loops=None`` means "the task-replay loop count
+#: Table 5's columns as :class:`Stage1Config` overrides. ``outer_loops=None`` means "the task-replay loop count
 #: passed to :func:`ablate_fitting`"; iterations per visit follow from the shared total.
 ABLATION_ROWS: dict[str, dict] = {
-    "naive": dict(outer_loops=1, weight_decay=0.0, iwc_weight=0.0),
-    "+ task replay": dict(outer_loops=None, weight_decay=0.0, iwc_weight=0.0),
-    "+ weight decay": dict(outer_loops=None, weight_decay=1e-4, iwc_weight=0.0),
-    "+ consolidation": dict(outer_loops=None, weight_decay=0.0, iwc_weight=0.1),
+    "naive": dict(outer_loops=1, weight_decay=0.0, iwc_weight=0.0, iwc_normalize=False),
+    "+ task replay": dict(outer_loops=None, weight_decay=0.0, iwc_weight=0.0, iwc_normalize=False),
+    "+ weight decay": dict(outer_loops=None, weight_decay=1e-4, iwc_weight=0.0, iwc_normalize=False),
+    "+ consolidation": dict(outer_loops=None, weight_decay=0.0, iwc_weight=0.1, iwc_normalize=False),
     # Not a paper row: the same with the Fisher diagonal divided by its mean, so that lambda acts at small scale.
     "+ consolidation (normalised)": dict(outer_loops=None, weight_decay=0.0, iwc_weight=0.1, iwc_normalize=True),
 }
@@ -33,7 +35,7 @@ PAPER_ROWS = ("naive", "+ task replay", "+ weight decay", "+ consolidation")
 
 
 def ablation_row_settings(row: str, num_avatars: int, total_iterations: int, outer_loops: int) -> dict:
-    """Keyword settings of :func:`fit_shared` for one row, with ``total_iterations`` split over the visits."""
+    """The :class:`Stage1Config` overrides of one row, with ``total_iterations`` split over the visits."""
     if row not in ABLATION_ROWS:
         raise InputError(f"unknown ablation row {row!r}", f"use one of {list(ABLATION_ROWS)}")
     settings = dict(ABLATION_ROWS[row])
@@ -49,56 +51,56 @@ def ablation_row_settings(row: str, num_avatars: int, total_iterations: int, out
 def ablate_fitting(
     get_views: GetViews,
     avatar_ids: Sequence[str],
-    total_iterations: int,
     out_dir: str | os.PathLike,
-    channels: int = 8,
-    resolution: int = 32,
-    outer_loops: int = 10,
-    earliest: int = 2,
-    rows: Sequence[str] = PAPER_ROWS,
-    decoder_kwargs: dict | None = None,
-    eval_kwargs: dict | None = None,
+    settings: AblationConfig | None = None,
+    stage1: Stage1Config | None = None,
+    decoder: DecoderConfig | None = None,
+    *,
+    bound: float = 1.0,
+    center: Sequence[float] = (0.0, 0.0, 0.0),
     seed: int = 0,
     progress: bool = True,
-    **fit_kwargs,
 ) -> list[dict]:
     """Run the Table 4(a) rows with the same total iterations; one result dict per row.
 
     Args:
-        get_views, avatar_ids: the data, as for :func:`fit_shared`.
-        total_iterations: steps per row, split evenly over avatars and visits (paper: 64 avatars x 30 x 5000).
+        get_views, avatar_ids: the data, as for :func:`fit_shared` (the caller picks ``settings.num_avatars``).
         out_dir: each row writes its triplanes and state under ``out_dir/<row>`` (rerunning resumes).
-        channels, resolution: triplane size (paper 32 x 512; tiny 8 x 32).
-        outer_loops: task-replay passes of the replay rows (paper 30).
-        rows: which rows of :data:`ABLATION_ROWS` to run (the paper's four).
-        earliest: how many of the first-fitted avatars are also scored separately, to show forgetting.
-        decoder_kwargs: extra :class:`TriplaneDecoder` arguments; every row starts from the same seeded decoder.
-        eval_kwargs: extra :func:`evaluate_fit` arguments (bound, num_samples, ...).
-        fit_kwargs: further :func:`fit_shared` arguments shared by all rows (rays_per_step, num_samples, ...).
+        settings: the ablation (:class:`rodinhd.config.AblationConfig`): total iterations per row (split evenly over
+            avatars and visits; paper 64 avatars x 30 x 5000), triplane size, task-replay passes, rows, how many of
+            the first-fitted avatars are scored separately (forgetting), rays / samples / occupancy of the fits and
+            the evaluation's samples per ray. None: the defaults.
+        stage1: the fitting settings every row starts from (learning rates, regularisers); the ablation's rays,
+            samples and occupancy and each row's overrides replace theirs. None: the defaults.
+        decoder: the decoder's settings; every row starts from the same seeded decoder. None: the defaults.
+        bound, center, seed, progress: as in :func:`fit_shared`.
 
     Returns ``[{"row", "psnr", "ssim", "psnr_earliest", "ssim_earliest", "outer_loops", "inner_iterations",
     "per_avatar"}]``.
     """
+    a = settings if settings is not None else AblationConfig()
+    base = replace(stage1 if stage1 is not None else Stage1Config(), rays_per_step=a.rays_per_step,
+                   num_samples=a.num_samples, occupancy=a.occupancy)
     results = []
-    for row in rows:
-        settings = ablation_row_settings(row, len(avatar_ids), total_iterations, outer_loops)
+    for row in a.rows:
+        row_settings = replace(base, **ablation_row_settings(row, len(avatar_ids), a.total_iterations, a.outer_loops))
         torch.manual_seed(seed)
-        decoder = TriplaneDecoder(channels, **(decoder_kwargs or {}))
+        net = TriplaneDecoder.from_config(a.channels, decoder if decoder is not None else DecoderConfig())
         row_dir = Path(out_dir) / "".join(c if c.isalnum() else "_" for c in row.replace("+ ", "")).strip("_")
-        store = TriplaneStore(row_dir / "triplanes", channels, resolution)
-        fit_shared(get_views, avatar_ids, decoder, store, row_dir, seed=seed, progress=progress,
-                   **{**fit_kwargs, **settings})
-        ev_kwargs = {k: fit_kwargs[k] for k in ("bound", "center") if k in fit_kwargs}
-        scores = evaluate_fit(get_views, avatar_ids, decoder, store, **{**ev_kwargs, **(eval_kwargs or {})})
-        first = [str(a) for a in avatar_ids[:earliest]]
+        store = TriplaneStore(row_dir / "triplanes", a.channels, a.resolution)
+        fit_shared(get_views, avatar_ids, net, store, row_dir, row_settings, bound=bound, center=center, seed=seed,
+                   progress=progress)
+        scores = evaluate_fit(get_views, avatar_ids, net, store, bound=bound, center=center,
+                              num_samples=a.eval_num_samples)
+        first = [str(x) for x in avatar_ids[:a.earliest]]
 
         def mean(key: str, ids: Sequence[str], scores: dict = scores) -> float:
-            return sum(scores[a][key] for a in ids) / len(ids)
+            return sum(scores[x][key] for x in ids) / len(ids)
 
-        all_ids = [str(a) for a in avatar_ids]
+        all_ids = [str(x) for x in avatar_ids]
         results.append(dict(row=row, psnr=mean("psnr", all_ids), ssim=mean("ssim", all_ids),
                             psnr_earliest=mean("psnr", first), ssim_earliest=mean("ssim", first),
-                            outer_loops=settings["outer_loops"], inner_iterations=settings["inner_iterations"],
+                            outer_loops=row_settings.outer_loops, inner_iterations=row_settings.inner_iterations,
                             per_avatar=scores))
     return results
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from avatar_core.cli import package_config_dir, resolve_config
 from avatar_core.config import load_config
+from avatar_core.train import TrainConfig
 
 __all__ = [
     "CONFIG_DIR",
@@ -26,7 +27,7 @@ __all__ = [
     "RenderConfig",
     "ConditioningConfig",
     "UNetConfig",
-    "LoopConfig",
+    "DiffusionTrainConfig",
     "BaseConfig",
     "UpsampleConfig",
     "SampleConfig",
@@ -187,23 +188,24 @@ class UNetConfig:
 
 
 @dataclass
-class LoopConfig:
-    """Optimiser and training-loop settings of one diffusion model (mapped onto avatar_core.train.TrainConfig)."""
+class DiffusionTrainConfig(TrainConfig):
+    """The kernel's training-loop settings (:class:`avatar_core.train.TrainConfig`) of one diffusion model, plus
+    its batch and optimiser (which the kernel leaves to the caller). Defaults are the paper's base model (App. A)."""
 
+    output_dir: str = ""
+    """Empty: the run folder's ``base/`` or ``upsample/`` (``--out``); another folder is refused."""
+    seed: int | None = None
+    """None: the run's ``seed``."""
     max_steps: int = 100000
+    ema_decay: float | None = 0.9999
+    checkpoint_every: int = 5000
+    log_every: int = 100
     batch_size: int = 96
+    """The global batch (all processes together; :mod:`avatar_core.train.sharding`)."""
     optimizer: str = "adamw"
     """"adamw" (paper, base) or "adam" (paper, upsampler)."""
     lr: float = 1e-5
     weight_decay: float = 0.0
-    ema_decay: float | None = 0.9999
-    mixed_precision: str = "no"
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = 1.0
-    checkpoint_every: int = 5000
-    keep_last_checkpoints: int | None = 3
-    log_every: int = 100
-    progress_bar: bool = True
 
 
 @dataclass
@@ -220,7 +222,7 @@ class BaseConfig:
     cond_drop_prob: float = 0.2
     guidance_scale: float = 1.3
     sample_steps: int = 10
-    train: LoopConfig = field(default_factory=LoopConfig)
+    train: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
 
 
 def _upsample_unet() -> UNetConfig:
@@ -229,8 +231,8 @@ def _upsample_unet() -> UNetConfig:
                       use_scale_shift_norm=False, emb_channels=512)
 
 
-def _upsample_loop() -> LoopConfig:
-    return LoopConfig(batch_size=32, optimizer="adam")
+def _upsample_loop() -> DiffusionTrainConfig:
+    return DiffusionTrainConfig(batch_size=32, optimizer="adam")
 
 
 @dataclass
@@ -259,7 +261,7 @@ class UpsampleConfig:
     """torchvision VGG-16 weights file for the perceptual term; empty uses the embedded structural loss."""
     lpips_path: str = ""
     """LPIPS ``vgg.pth`` linear heads (with ``vgg_path``): the term becomes LPIPS."""
-    train: LoopConfig = field(default_factory=_upsample_loop)
+    train: DiffusionTrainConfig = field(default_factory=_upsample_loop)
 
 
 @dataclass

@@ -7,13 +7,16 @@ nets are what identity-aware weight consolidation protects (:meth:`TriplaneDecod
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from avatar_core.errors import InputError
 from avatar_core.render.volume import sample_triplane
+
+if TYPE_CHECKING:
+    from rodinhd.config import DecoderConfig
 
 __all__ = ["TriplaneDecoder", "trunc_exp"]
 
@@ -95,6 +98,13 @@ class TriplaneDecoder(nn.Module):
         in_dim = channels if reduce == "sum" else 3 * channels
         self.density_net = _mlp(in_dim, hidden_dim, 1 + geo_feat_dim, density_layers)
         self.color_net = _mlp(geo_feat_dim, hidden_dim, 3, color_layers)
+
+    @classmethod
+    def from_config(cls, channels: int, settings: DecoderConfig) -> TriplaneDecoder:
+        """The decoder of a run's ``decoder`` section for ``channels``-channel triplanes."""
+        return cls(channels, reduce=settings.reduce, hidden_dim=settings.hidden_dim, geo_feat_dim=settings.geo_feat_dim,
+                   density_layers=settings.density_layers, color_layers=settings.color_layers,
+                   density_activation=settings.density_activation, density_bias=settings.density_bias)
 
     @property
     def in_dim(self) -> int:

@@ -4,12 +4,14 @@ configured), the 3D-consistency refit, and the Table 4(a) fitting ablation (``ro
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from avatar_core.cameras import orbit_cameras
+from avatar_core.config import to_settings
 from avatar_core.env import resolve_device
 from avatar_core.io import save_json
 from avatar_core.metrics import psnr as psnr_fn
@@ -57,12 +59,9 @@ def refit_consistency(cfg: RodinHDConfig, planes: Tensor, decoder: TriplaneDecod
     straight = torch.where(alpha > 1e-4, rgb / alpha.clamp_min(1e-4), torch.zeros_like(rgb)).clamp(0, 1)
     target = torch.cat([straight, alpha], dim=-1)  # [V, H, W, 4]
     store = TriplaneStore(work, cfg.triplane.channels, cfg.triplane.resolution)
-    s2 = cfg.stage2
-    fit_triplanes(lambda _: (target, cams), ["refit"], decoder, store, None, iterations=iterations,
-                  rays_per_step=rays_per_step, num_samples=s2.num_samples, triplane_lr=s2.triplane_lr,
-                  tv_weight=s2.tv_weight, l2_weight=s2.l2_weight, l1_weight=s2.l1_weight, occupancy=s2.occupancy,
-                  grid_resolution=s2.grid_resolution, grid_update_every=s2.grid_update_every, init_std=s2.init_std,
-                  seed=cfg.seed, rank=0, world_size=1, progress=False, **triplane_kwargs(cfg))
+    settings = replace(to_settings(cfg.stage2), iterations=iterations, rays_per_step=rays_per_step)
+    fit_triplanes(lambda _: (target, cams), ["refit"], decoder, store, None, settings, seed=cfg.seed, rank=0,
+                  world_size=1, progress=False, **triplane_kwargs(cfg))
     scores = evaluate_fit(lambda _: (target, cams), ["refit"], decoder, store, num_samples=r.num_samples,
                           occupancy=r.occupancy, grid_resolution=r.grid_resolution,
                           background=list(r.background), **triplane_kwargs(cfg))["refit"]
@@ -121,20 +120,8 @@ def ablate(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", progr
     a = cfg.ablation
     data = open_data(cfg, out)
     ids = data.train_ids[: a.num_avatars]
-    d = cfg.decoder
-    dec_kwargs = dict(reduce=d.reduce, hidden_dim=d.hidden_dim, geo_feat_dim=d.geo_feat_dim,
-                      density_layers=d.density_layers, color_layers=d.color_layers,
-                      density_activation=d.density_activation, density_bias=d.density_bias)
-    s = cfg.stage1
-    results = ablate_fitting(data.get_views, ids, a.total_iterations, out / "ablation", channels=a.channels,
-                             resolution=a.resolution, outer_loops=a.outer_loops, earliest=a.earliest, rows=list(a.rows),
-                             decoder_kwargs=dec_kwargs, eval_kwargs={"num_samples": a.eval_num_samples},
-                             seed=cfg.seed, progress=progress, rays_per_step=a.rays_per_step,
-                             num_samples=a.num_samples, occupancy=a.occupancy, triplane_lr=s.triplane_lr,
-                             triplane_lr_loop_decay=s.triplane_lr_loop_decay, decoder_lr=s.decoder_lr,
-                             decoder_lr_decay_visits=s.decoder_lr_decay_visits, tv_weight=s.tv_weight,
-                             l2_weight=s.l2_weight, l1_weight=s.l1_weight, init_std=s.init_std,
-                             **triplane_kwargs(cfg))
+    results = ablate_fitting(data.get_views, ids, out / "ablation", to_settings(a), to_settings(cfg.stage1),
+                             to_settings(cfg.decoder), seed=cfg.seed, progress=progress, **triplane_kwargs(cfg))
     table = format_table(results)
     (out / "ablation").mkdir(parents=True, exist_ok=True)
     (out / "ablation" / "table.txt").write_text(table + "\n", encoding="utf-8")

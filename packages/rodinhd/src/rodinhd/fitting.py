@@ -10,11 +10,15 @@ and a snapshot of the decoder weights. When the avatar is visited again, ``lambd
 
 Stage 2 freezes the decoder and fits each avatar's triplane on its own, sharded over processes.
 
-Loss weights and learning-rate rules default to the authors' code (REFERENCE_NOTES: TV 2e-4, l1 1e-6, triplane
-lr 2e-2 / (10 loop + 1), decoder lr 2e-3 * 0.1^(step / (50 inner))), since the paper's Table 5 gives only constant
-rates; iteration counts default to the paper (5000 a visit, 25000 in stage 2; the code uses 6000 and 30000).
-:data:`PAPER_TABLE5` holds the table's numbers as keyword overrides. The IWC penalty keeps the paper's 1/2
-(Eq. 3; REFERENCE_NOTES' code applies ``sum F (w* - w)^2`` with weight 0.1 and no 1/2): ``iwc_half=False``.
+Both stages take their settings as one object, :class:`rodinhd.config.Stage1Config` / :class:`Stage2Config` (the
+run's config sections), plus the triplane box (``bound``, ``center``) and the seed.
+
+Loss weights and learning-rate rules default to the authors' code (RodinHD's released training code: TV 2e-4,
+l1 1e-6, triplane lr 2e-2 / (10 loop + 1), decoder lr 2e-3 * 0.1^(step / (50 inner))), since the paper's Table 5
+gives only constant rates; iteration counts default to the paper (5000 a visit, 25000 in stage 2; the code uses
+6000 and 30000). :data:`PAPER_TABLE5` holds the table's numbers as Stage1Config overrides. The IWC penalty keeps
+the paper's 1/2 (Eq. 3; the authors' code applies ``sum F (w* - w)^2`` with weight 0.1 and no 1/2):
+``iwc_half=False``.
 The code's distortion loss (weight 2e-5) is not implemented.
 """
 
@@ -25,7 +29,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +44,7 @@ from avatar_core.metrics import ssim as ssim_fn
 from avatar_core.render.occupancy import OccupancyGrid
 from avatar_core.render.rays import generate_rays, sample_pixels
 from avatar_core.train.sharding import process_shard
+from rodinhd.config import Stage1Config, Stage2Config
 from rodinhd.decoder import TriplaneDecoder
 from rodinhd.renderer import TriplaneField, build_occupancy_grid, render_triplane_rays, render_views
 from rodinhd.triplane import TriplaneStore, init_triplane
@@ -57,14 +62,14 @@ __all__ = [
     "fit_shared",
     "Stage1Result",
     "fit_triplanes",
-    "process_shard",
     "evaluate_fit",
 ]
 
 #: ``get_views(avatar_id) -> (images [V, H, W, 4] float RGBA in [0, 1] (straight alpha), Cameras of V views)``.
 GetViews = Callable[[str], tuple[Tensor, Cameras]]
 
-#: The hyper-parameters of the paper's Table 5 ("Ours" column) as keyword overrides of :func:`fit_shared`.
+#: The hyper-parameters of the paper's Table 5 ("Ours" column) as overrides of :class:`Stage1Config`
+#: (``dataclasses.replace(Stage1Config(), **PAPER_TABLE5)``).
 PAPER_TABLE5 = dict(inner_iterations=5000, outer_loops=30, tv_weight=1e-2, l2_weight=1e-4, l1_weight=0.0,
                     iwc_weight=0.1, weight_decay=0.0, triplane_lr=2e-3, triplane_lr_loop_decay=0.0,
                     decoder_lr=2e-4, decoder_lr_decay_visits=math.inf, rays_per_step=8192, num_samples=1024)
@@ -189,6 +194,15 @@ class _StepConfig:
     occupancy: bool
     grid_resolution: int
     grid_update_every: int
+
+
+def _step_config(s: Stage1Config | Stage2Config, bound: float, center: Sequence[float], train_decoder: bool
+                 ) -> _StepConfig:
+    """The per-step settings of either stage (stage 2 trains no decoder: no weight decay, no IWC)."""
+    return _StepConfig(s.rays_per_step, s.num_samples, float(bound), tuple(float(c) for c in center), s.tv_weight,
+                       s.l2_weight, s.l1_weight, s.weight_decay if train_decoder else 0.0,
+                       s.iwc_weight if train_decoder else 0.0, s.iwc_half if train_decoder else True, s.occupancy,
+                       s.grid_resolution, s.grid_update_every)
 
 
 def _run_visit(
@@ -340,80 +354,42 @@ def fit_shared(
     decoder: TriplaneDecoder,
     store: TriplaneStore,
     state_dir: str | os.PathLike,
-    outer_loops: int = 30,
-    inner_iterations: int = 5000,
-    rays_per_step: int = 8192,
-    num_samples: int = 1024,
-    triplane_lr: float = 2e-2,
-    triplane_lr_loop_decay: float = 10.0,
-    decoder_lr: float = 2e-3,
-    decoder_lr_decay_visits: float = 50.0,
-    tv_weight: float = 2e-4,
-    l2_weight: float = 0.0,
-    l1_weight: float = 1e-6,
-    weight_decay: float = 0.0,
-    iwc_weight: float = 0.1,
-    iwc_half: bool = True,
-    iwc_normalize: bool = False,
+    settings: Stage1Config | None = None,
+    *,
     bound: float = 1.0,
     center: Sequence[float] = (0.0, 0.0, 0.0),
-    occupancy: bool = True,
-    grid_resolution: int = 128,
-    grid_update_every: int = 16,
-    init_std: float = 0.1,
-    shuffle: bool = False,
     seed: int = 0,
     max_visits: int | None = None,
     progress: bool = True,
 ) -> Stage1Result:
     """Stage 1 (Algorithm 1): fit the avatars' triplanes jointly with the shared decoder, resumably.
 
-    Args (paper / authors' code values in brackets):
+    Args:
         get_views: ``avatar_id -> (images [V, H, W, 4], Cameras)``, called once per visit.
         avatar_ids: the S avatars [64 in the paper, 256 in the code].
         decoder: the shared decoder, trained in place.
         store: where the triplanes live between visits; a missing triplane starts from ``init_std`` noise. Each
             visit loads the triplane and gives it a fresh Adam optimiser (its learning rate changes per loop).
         state_dir: holds ``stage1_state.safetensors`` (decoder, its Adam state, IWC states, schedule position,
-            config), rewritten atomically after every visit; an existing state is resumed.
-        outer_loops, inner_iterations: task replay [30 x 5000 paper, 30 x 6000 code]; naive fitting is
-            ``outer_loops=1`` [15000].
-        rays_per_step: rays sampled per iteration [8192].
-        num_samples: marching steps across the cube's diagonal [1024 samples per ray].
-        triplane_lr, triplane_lr_loop_decay: triplane lr ``triplane_lr / (decay * loop + 1)`` [2e-2, 10 code;
-            2e-3 constant in Table 5 with decay 0].
-        decoder_lr, decoder_lr_decay_visits: decoder lr ``decoder_lr * 0.1^(step / (visits * inner))``
-            [2e-3, 50 code; 2e-4 Table 5].
-        tv_weight, l2_weight, l1_weight: triplane TV and L2/L1 regularisers on mean-normalised terms
-            [code: TV 2e-4, l1 1e-6; Table 5: TV 1e-2, L2 1e-4]. Distortion loss is not implemented.
-        weight_decay: loss weight of ``sum w^2`` over the decoder [0; 1e-4 in the "+ weight decay" row].
-        iwc_weight, iwc_half: IWC lambda [0.1] and whether Eq. 3's 1/2 is applied [True: paper].
-        iwc_normalize: divide each stored Fisher diagonal by its mean (not in the paper; off). Squared gradients of
-            a mean-reduced loss near convergence are tiny (~1e-9 at small scale), so lambda = 0.1 barely acts;
-            normalising makes lambda the penalty's weight relative to an average weight's squared change.
+            settings), rewritten atomically after every visit; an existing state is resumed, and resuming with
+            other settings is refused.
+        settings: the stage's settings (:class:`rodinhd.config.Stage1Config`, whose fields document the paper's and
+            the authors' values; ``num_avatars`` is the caller's choice of ``avatar_ids`` and unused here). None:
+            the defaults. Naive fitting is ``outer_loops=1``.
         bound, center: the world cube the triplanes cover.
-        occupancy, grid_resolution, grid_update_every: empty-space skipping during fitting [128^3 grid, rebuilt
-            from the loaded triplane at each visit and updated every 16 steps].
-        init_std: std of a new triplane's features.
-        shuffle, seed: avatar order within a pass and all randomness (each visit is seeded by ``(seed, visit)``,
-            so a resumed run repeats an uninterrupted one exactly).
+        seed: all randomness (each visit is seeded by ``(seed, visit)``, so a resumed run repeats an uninterrupted
+            one exactly).
         max_visits: stop after this many visits in this call (the state is saved, call again to continue).
         progress: show a tqdm bar over iterations.
     """
+    s = settings if settings is not None else Stage1Config()
     device = next(decoder.parameters()).device
-    schedule = task_replay_schedule(avatar_ids, outer_loops, inner_iterations, shuffle, seed)
-    config = dict(avatar_ids=[str(a) for a in avatar_ids], outer_loops=outer_loops,
-                  inner_iterations=inner_iterations, rays_per_step=rays_per_step, num_samples=num_samples,
-                  triplane_lr=triplane_lr, triplane_lr_loop_decay=triplane_lr_loop_decay, decoder_lr=decoder_lr,
-                  decoder_lr_decay_visits=decoder_lr_decay_visits, tv_weight=tv_weight, l2_weight=l2_weight,
-                  l1_weight=l1_weight, weight_decay=weight_decay, iwc_weight=iwc_weight, iwc_half=iwc_half,
-                  iwc_normalize=iwc_normalize,
-                  bound=bound, center=list(center), occupancy=occupancy, grid_resolution=grid_resolution,
-                  grid_update_every=grid_update_every, init_std=init_std, shuffle=shuffle, seed=seed,
+    schedule = task_replay_schedule(avatar_ids, s.outer_loops, s.inner_iterations, s.shuffle, seed)
+    fitted = {k: v for k, v in asdict(s).items() if k != "num_avatars"}
+    config = dict(avatar_ids=[str(a) for a in avatar_ids], **fitted, bound=bound, center=list(center), seed=seed,
                   channels=store.channels, resolution=store.resolution)
-    cfg = _StepConfig(rays_per_step, num_samples, bound, tuple(center), tv_weight, l2_weight, l1_weight,
-                      weight_decay, iwc_weight, iwc_half, occupancy, grid_resolution, grid_update_every)
-    decoder_opt = _adam(decoder.parameters(), decoder_lr)
+    cfg = _step_config(s, bound, center, train_decoder=True)
+    decoder_opt = _adam(decoder.parameters(), s.decoder_lr)
     state_path = Path(state_dir) / STATE_FILE
     next_visit, global_step, history = 0, 0, []
     iwc: dict[str, tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
@@ -425,7 +401,7 @@ def fit_shared(
         next_visit, global_step, history = meta["next_visit"], meta["global_step"], meta["history"]
 
     end = len(schedule) if max_visits is None else min(len(schedule), next_visit + max_visits)
-    bar = tqdm(total=len(schedule) * inner_iterations, initial=next_visit * inner_iterations,
+    bar = tqdm(total=len(schedule) * s.inner_iterations, initial=next_visit * s.inner_iterations,
                desc="stage 1 (shared decoder)", unit="it", disable=not progress, dynamic_ncols=True)
     decoder.train()
     for visit in schedule[next_visit:end]:
@@ -437,20 +413,20 @@ def fit_shared(
             if store.exists(aid):
                 planes = store.load(aid, device)
             else:
-                planes = init_triplane(store.channels, store.resolution, init_std,
+                planes = init_triplane(store.channels, store.resolution, s.init_std,
                                        torch.Generator().manual_seed(_seed(seed, "init", aid)), device)
             planes = planes.clone().requires_grad_(True)
-            plane_opt = _adam([planes], triplane_lr_at(visit.loop, triplane_lr, triplane_lr_loop_decay))
+            plane_opt = _adam([planes], triplane_lr_at(visit.loop, s.triplane_lr, s.triplane_lr_loop_decay))
             start = global_step
             bar.set_postfix(avatar=aid, loop=visit.loop)
             losses, fisher = _run_visit(
                 planes, decoder, images, cameras, visit.iterations, cfg, plane_opt, decoder_opt,
-                lambda it, start=start: decoder_lr_at(start + it, inner_iterations, decoder_lr,
-                                                      decoder_lr_decay_visits),
+                lambda it, start=start: decoder_lr_at(start + it, s.inner_iterations, s.decoder_lr,
+                                                      s.decoder_lr_decay_visits),
                 iwc.get(aid), gen, on_step=lambda _: bar.update(1))
         global_step += visit.iterations
         snapshot = {n: p.detach().clone() for n, p in decoder.consolidated_parameters().items()}
-        if iwc_normalize:
+        if s.iwc_normalize:
             mean = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp_min(1e-30)
             fisher = {n: f / mean for n, f in fisher.items()}
         iwc[aid] = (fisher, snapshot)
@@ -482,19 +458,10 @@ def fit_triplanes(
     decoder: TriplaneDecoder,
     out_store: TriplaneStore,
     init_store: TriplaneStore | None = None,
-    iterations: int = 25000,
-    rays_per_step: int = 8192,
-    num_samples: int = 1024,
-    triplane_lr: float = 2e-2,
-    tv_weight: float = 2e-4,
-    l2_weight: float = 0.0,
-    l1_weight: float = 1e-6,
+    settings: Stage2Config | None = None,
+    *,
     bound: float = 1.0,
     center: Sequence[float] = (0.0, 0.0, 0.0),
-    occupancy: bool = True,
-    grid_resolution: int = 128,
-    grid_update_every: int = 16,
-    init_std: float = 0.1,
     seed: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
@@ -503,17 +470,19 @@ def fit_triplanes(
     """Stage 2: with the decoder frozen, fit every avatar's triplane independently; returns the ids this
     process fitted.
 
-    Args (paper / code values in brackets): ``iterations`` per avatar [25000 paper appendix; 30000 code];
+    ``settings`` are the stage's (:class:`rodinhd.config.Stage2Config`; ``iterations`` per avatar [25000 paper
+    appendix; 30000 code]; ``init_from_stage1`` is the caller's choice of ``init_store``); None: the defaults.
     ``init_store`` supplies a starting triplane when it has one (e.g. stage 1's), otherwise noise; avatars
-    ``avatar_ids[rank::world_size]`` go to this process (:func:`process_shard`); an avatar whose file in
-    ``out_store`` already records ``iterations`` stage-2 steps is skipped, so a killed run resumes per avatar.
-    The remaining arguments mean what they mean in :func:`fit_shared`.
+    ``avatar_ids[rank::world_size]`` go to this process (:func:`avatar_core.train.process_shard`); an avatar whose
+    file in ``out_store`` already records ``iterations`` stage-2 steps is skipped, so a killed run resumes per
+    avatar. ``bound``, ``center`` and ``seed`` mean what they mean in :func:`fit_shared`.
     """
+    s = settings if settings is not None else Stage2Config()
+    iterations = s.iterations
     rank, world_size = process_shard(rank, world_size)
     mine = [str(a) for a in avatar_ids][rank::world_size]
     device = next(decoder.parameters()).device
-    cfg = _StepConfig(rays_per_step, num_samples, bound, tuple(center), tv_weight, l2_weight, l1_weight, 0.0,
-                      0.0, True, occupancy, grid_resolution, grid_update_every)
+    cfg = _step_config(s, bound, center, train_decoder=False)
     decoder.eval()
     frozen = [p.requires_grad for p in decoder.parameters()]
     for p in decoder.parameters():
@@ -535,12 +504,12 @@ def fit_triplanes(
                 if init_store is not None and init_store.exists(aid):
                     planes = init_store.load(aid, device)
                 else:
-                    planes = init_triplane(out_store.channels, out_store.resolution, init_std,
+                    planes = init_triplane(out_store.channels, out_store.resolution, s.init_std,
                                            torch.Generator().manual_seed(_seed(seed, "init", aid)), device)
                 planes = planes.clone().requires_grad_(True)
                 bar.set_postfix(avatar=aid)
                 losses, _ = _run_visit(planes, decoder, images, cameras, iterations, cfg,
-                                       _adam([planes], triplane_lr), None, None, None, gen,
+                                       _adam([planes], s.triplane_lr), None, None, None, gen,
                                        on_step=lambda _: bar.update(1))
             tail = losses[-max(1, len(losses) // 10):]
             out_store.save(aid, planes, {"stage": 2, "iterations": iterations, "loss": sum(tail) / len(tail)})

@@ -45,10 +45,7 @@ def triplane_kwargs(cfg: RodinHDConfig) -> dict:
 def build_decoder(cfg: RodinHDConfig) -> TriplaneDecoder:
     """The shared decoder of ``cfg.decoder`` (seeded by ``cfg.seed``)."""
     torch.manual_seed(cfg.seed)
-    d = cfg.decoder
-    return TriplaneDecoder(cfg.triplane.channels, reduce=d.reduce, hidden_dim=d.hidden_dim,
-                           geo_feat_dim=d.geo_feat_dim, density_layers=d.density_layers, color_layers=d.color_layers,
-                           density_activation=d.density_activation, density_bias=d.density_bias)
+    return TriplaneDecoder.from_config(cfg.triplane.channels, cfg.decoder)
 
 
 def save_decoder(decoder: TriplaneDecoder, path: Path, cfg: RodinHDConfig) -> Path:

@@ -17,6 +17,7 @@ Every stage takes the run's :class:`rodinhd.config.RodinHDConfig`. The networks 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -28,14 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from avatar_core.cameras import Cameras
-from avatar_core.config import config_to_dict, save_config
+from avatar_core.config import config_to_dict, save_config, to_settings
 from avatar_core.env import resolve_device
 from avatar_core.errors import ConfigError, MissingFileError
 from avatar_core.io import save_json
 from avatar_core.train import TrainConfig, Trainer, global_batches, latest_checkpoint, shard_batch
 from rodinhd.cascade import VGGPerceptual
 from rodinhd.conditioning import portrait_features
-from rodinhd.config import LoopConfig, RodinHDConfig
+from rodinhd.config import DiffusionTrainConfig, RodinHDConfig
 from rodinhd.data import downsample_triplanes, open_data, prepare_data
 from rodinhd.evaluate import ablate, evaluate
 from rodinhd.fitting import fit_shared, fit_triplanes
@@ -64,18 +65,20 @@ __all__ = [
 ]
 
 #: Keys of a diffusion stage's loop settings that may change between a run and its resumption.
-_RESUMABLE = ("max_steps", "checkpoint_every", "log_every", "progress_bar", "keep_last_checkpoints")
+_RESUMABLE = ("max_steps", "checkpoint_every", "log_every", "progress_bar", "keep_last_checkpoints", "allow_config_change")
 
 
-def _loop_config(loop: LoopConfig, output_dir: Path, seed: int) -> TrainConfig:
-    return TrainConfig(output_dir=str(output_dir), max_steps=loop.max_steps, seed=seed,
-                       mixed_precision=loop.mixed_precision, gradient_accumulation_steps=loop.gradient_accumulation_steps,
-                       max_grad_norm=loop.max_grad_norm, ema_decay=loop.ema_decay, checkpoint_every=loop.checkpoint_every,
-                       keep_last_checkpoints=loop.keep_last_checkpoints, log_every=loop.log_every,
-                       progress_bar=loop.progress_bar)
+def _loop_config(loop: DiffusionTrainConfig, run_dir: Path, seed: int) -> TrainConfig:
+    """The kernel loop's settings of one diffusion stage: its ``train`` section in the run's folder and seed."""
+    if loop.output_dir and Path(loop.output_dir).resolve() != run_dir.resolve():
+        raise ConfigError(f"train.output_dir={loop.output_dir} but this stage's run folder is {run_dir}",
+                          "leave train.output_dir empty and choose the run folder with --out")
+    settings = {f.name: getattr(loop, f.name) for f in dataclasses.fields(TrainConfig)}
+    settings.update(output_dir=str(run_dir), seed=seed if loop.seed is None else loop.seed)
+    return TrainConfig(**settings)
 
 
-def _optimizer(loop: LoopConfig) -> Callable:
+def _optimizer(loop: DiffusionTrainConfig) -> Callable:
     if loop.optimizer not in ("adam", "adamw"):
         raise ConfigError(f"unknown optimizer {loop.optimizer!r}", "use 'adam' or 'adamw'")
     cls = torch.optim.AdamW if loop.optimizer == "adamw" else torch.optim.Adam
@@ -118,10 +121,9 @@ def fit_shared_stage(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodin
     device = resolve_device(cfg.device)
     decoder = build_decoder(cfg).to(device)
     store = TriplaneStore(out / "stage1" / "triplanes", cfg.triplane.channels, cfg.triplane.resolution)
-    kwargs = {k: v for k, v in config_to_dict(s).items() if k != "num_avatars"}
     t0 = time.perf_counter()
-    result = fit_shared(data.get_views, ids, decoder, store, out / "stage1", seed=cfg.seed, progress=progress,
-                        **kwargs, **triplane_kwargs(cfg))
+    result = fit_shared(data.get_views, ids, decoder, store, out / "stage1", to_settings(s), seed=cfg.seed,
+                        progress=progress, **triplane_kwargs(cfg))
     path = save_decoder(decoder, out / DECODER_FILE, cfg)
     last = result.history[-len(ids):] if result.history else []
     return {"decoder": str(path), "triplanes": str(store.root), "avatars": ids, "seconds": time.perf_counter() - t0,
@@ -139,10 +141,9 @@ def fit_stage(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", ra
     C, R = cfg.triplane.channels, cfg.triplane.resolution
     store = TriplaneStore(out / "triplanes", C, R)
     init = TriplaneStore(out / "stage1" / "triplanes", C, R) if s.init_from_stage1 else None
-    kwargs = {k: v for k, v in config_to_dict(s).items() if k != "init_from_stage1"}
     t0 = time.perf_counter()
-    done = fit_triplanes(data.get_views, data.train_ids, decoder, store, init, seed=cfg.seed, rank=rank,
-                         world_size=world_size, progress=progress, **kwargs, **triplane_kwargs(cfg))
+    done = fit_triplanes(data.get_views, data.train_ids, decoder, store, init, to_settings(s), seed=cfg.seed,
+                         rank=rank, world_size=world_size, progress=progress, **triplane_kwargs(cfg))
     return {"triplanes": str(store.root), "fitted": done, "seconds": time.perf_counter() - t0}
 
 
@@ -186,7 +187,7 @@ def train_base(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", r
     return _train_stage(cfg, out, "base", loop, model, step, data_fn, resume)
 
 
-def _train_stage(cfg: RodinHDConfig, out: Path, name: str, loop: LoopConfig, model: nn.Module, step: Callable, data_fn: Callable,
+def _train_stage(cfg: RodinHDConfig, out: Path, name: str, loop: DiffusionTrainConfig, model: nn.Module, step: Callable, data_fn: Callable,
                  resume: bool) -> dict:
     """Run one diffusion stage on the kernel's Trainer in ``out/name`` (exact resume; a changed config is refused)."""
     run_dir = out / name

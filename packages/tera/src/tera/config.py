@@ -122,7 +122,7 @@ class DistillConfig:
     lr: float = 5.0e-4
     """Adam learning rate."""
     batch_size: int = 1
-    """Avatars per micro-batch (paper 2 per GPU)."""
+    """Avatars per micro-batch, all processes together (avatar_core.train.sharding; paper 2 per GPU x 4)."""
     views_per_step: int = 2
     """Views rendered per avatar and step."""
     init_from_teacher: bool = True
@@ -182,7 +182,7 @@ class DiffusionConfig:
     """AdamW learning rate."""
     weight_decay: float = 0.0
     batch_size: int = 8
-    """Latents per micro-batch (paper 8 per GPU)."""
+    """Latents per micro-batch, all processes together (avatar_core.train.sharding; paper 8 per GPU x 4)."""
     caption_variant: str = "random"
     """Which caption trains each epoch: 'random' (the long one or a phrase, re-drawn per epoch) or 'full'."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(

@@ -28,6 +28,7 @@ __all__ = [
     "config_to_dict",
     "config_diff",
     "missing_keys",
+    "to_settings",
 ]
 
 
@@ -184,6 +185,16 @@ def config_to_dict(cfg: Any) -> dict:
     if isinstance(cfg, dict):
         return cfg
     raise TypeError(f"not a config: {type(cfg).__name__}")
+
+
+def to_settings(cfg: Any) -> Any:
+    """A config section as an instance of its dataclass (what a module's functions take), e.g.
+    ``fit(to_settings(cfg.stage1))``; a dataclass instance is returned as it is."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_object(cfg)
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return cfg
+    raise TypeError(f"not a structured config section: {type(cfg).__name__}")
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
