@@ -14,7 +14,7 @@ import torch
 
 from avatar_core.config import config_diff, config_to_dict
 from avatar_core.errors import ConfigError, InputError, MissingFileError
-from avatar_core.io import image_grid, load_image, load_json, save_image, save_json
+from avatar_core.io import image_grid, load_image, load_json, save_image, save_json, write_video
 from avatar_core.results import check_result_dir, prepare_result_dir, read_marker, result_name
 from gaussianip import gaussians as G
 
@@ -238,3 +238,52 @@ def resume_stage(run: str | Path, cfg, stage: str, progress: bool = True) -> dic
     face = settings["face"]
     identity = prior.face_identity(read_face(face, cfg))
     return continue_run(run, cfg, prior, settings["prompt"], identity, progress=progress)
+
+
+def train_prior(cfg, overwrite: bool = False) -> dict:
+    """``gaussianip train-prior``: the embedded prior into ``prior.cache_dir`` (refuses to replace one silently)."""
+    from gaussianip.prior import EmbeddedPrior
+    from gaussianip.prior_train import train_embedded_prior
+
+    if cfg.prior.kind != "embedded":
+        raise ConfigError("train-prior trains the embedded prior; this config uses the paper's pretrained prior",
+                          "use --config tiny, or set prior.kind=embedded")
+    set_threads(cfg)
+    out = Path(cfg.prior.cache_dir)
+    if all((out / f).is_file() for f in EmbeddedPrior.FILES) and not overwrite:
+        from avatar_core.results import ResultExistsError
+
+        raise ResultExistsError(f"{out} already holds a trained prior", "add --overwrite to retrain it")
+    if overwrite:
+        for f in EmbeddedPrior.FILES:
+            (out / f).unlink(missing_ok=True)
+        from avatar_core.train import move_aside
+
+        for d in ("train_vae", "train_identity", "train_diffusion"):
+            if (out / d).exists():
+                move_aside(out / d)
+    t0 = time.time()
+    prior = train_embedded_prior(cfg, out)
+    return {"prior": str(out), "seconds": round(time.time() - t0, 1), **prior.info}
+
+
+def animate(run: str | Path, cfg, motion: str, out: str | Path | None = None, overwrite: bool = False) -> dict:
+    """``gaussianip animate RUN --motion M``: the result skinned to the body and driven by a kernel motion."""
+    from avatar_core.cameras import orbit_cameras
+    from avatar_core.results import check_result_file
+    from gaussianip.animate import motion_poses, render_animation
+
+    run = Path(run)
+    if not (run / "gaussians.safetensors").is_file():
+        raise MissingFileError(f"{run} holds no finished GaussianIP result (gaussians.safetensors)",
+                               "run `gaussianip generate` (or `--resume` it) first")
+    dest = Path(out) if out is not None else run / f"animation_{Path(motion).stem}.mp4"
+    check_result_file(dest, overwrite=overwrite)
+    frame = G.body_frame(cfg.gaussians)
+    poses = motion_poses(frame, motion, cfg.animate.frames)
+    params = G.load_gaussians(run / "gaussians.safetensors")
+    oc = cfg.output
+    cams = orbit_cameras(1, oc.radius, 5.0, oc.fovy, oc.size, oc.size, start_azimuth=30.0)
+    video = render_animation(params, frame, poses, cams, cfg.stage1.background)
+    write_video(dest, video, fps=oc.fps)
+    return {"animation": str(dest), "frames": int(video.shape[0])}
