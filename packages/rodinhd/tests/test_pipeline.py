@@ -174,6 +174,17 @@ def test_resume_with_changed_config_is_refused_and_keeps_checkpoints(run):
     assert after == before and (out / "base" / "metrics.jsonl").read_bytes() == metrics
 
 
+def test_tiny_run_records_its_standins(run):
+    """The tiny config chooses the embedded VAE and the SSIM term explicitly; each stage writes them down."""
+    cfg, out, result = run
+    for stage, names in (("base", ["portrait_vae"]), ("upsample", ["portrait_vae", "ssim_perceptual"])):
+        saved = json.loads((out / stage / "standins.json").read_text())
+        assert [s["name"] for s in saved["standins"]] == names
+    settings = json.loads(Path(result["settings"]).read_text())
+    assert [s["name"] for s in settings["standins"]] == ["portrait_vae"]
+    assert (out / "cache" / "portrait_features").is_dir() and (out / "cache" / "triplanes_low").is_dir()
+
+
 def test_unknown_config_key_suggests_the_right_one():
     with pytest.raises(ConfigError, match="stage2.iterations"):
         load_rodinhd_config("tiny", ["stage2.iteration=5"])

@@ -60,6 +60,14 @@ class DataConfig:
     seed: int = 0
     held_out: int = 1
     """Avatars reserved for sampling from an unseen portrait and for generation metrics."""
+    on_error: str = "stop"
+    """An avatar whose files are missing or corrupt: "stop" the run naming it, or "skip" it (logged)."""
+    num_workers: int = 0
+    """DataLoader worker processes reading training items from disk (0: read in the training process)."""
+    view_cache: int = 0
+    """Avatars whose decoded views the fitting loop keeps in memory (stage 1 revisits its subset; 0 keeps none)."""
+    stats_items: int = 0
+    """Avatars the normaliser's statistics are measured on, a seeded subset (0: all training avatars)."""
 
 
 @dataclass
@@ -335,6 +343,10 @@ class RodinHDConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    standins: list[str] = field(default_factory=list)
+    """Embedded stand-ins allowed where a paper network is not configured: ``portrait_vae`` (for the SDXL VAE),
+    ``ssim_perceptual`` (for VGG-16 / LPIPS), ``vgg_feature_distance`` (for LPIPS's heads); empty: the paper's
+    networks are required and their files checked before any work."""
 
 
 def config_path(name_or_path: str | os.PathLike | None) -> Path:

@@ -162,4 +162,4 @@ def open_data(cfg: RodinHDConfig, out: str | os.PathLike) -> AvatarViews:
         raise MissingFileError(f"no avatar dataset at {root}",
                                f"run `rodinhd train-all --out {out}` (it writes one), or `avatar-core make-dataset "
                                f"--out {root} --num N`, or set data.root=DIR")
-    return AvatarViews(root, held_out=cfg.data.held_out)
+    return AvatarViews(root, held_out=cfg.data.held_out, cache=cfg.data.view_cache)

@@ -24,6 +24,7 @@ from rodinhd.config import RodinHDConfig, UNetConfig
 from rodinhd.data import AvatarViews
 from rodinhd.decoder import TriplaneDecoder
 from rodinhd.renderer import TriplaneField, render_triplane_rays
+from rodinhd.streaming import resolve_standins
 from rodinhd.triplane import unroll
 from rodinhd.unet import TriplaneUNet
 
@@ -76,6 +77,7 @@ def get_encoder(cfg: RodinHDConfig, out: str | os.PathLike, data: AvatarViews | 
     """The portrait feature encoder: the SD/SDXL VAE folder of ``conditioning.vae_path``, else the embedded VAE
     (trained on the training avatars' portraits when ``data`` is given and none exists yet)."""
     c = cfg.conditioning
+    resolve_standins(cfg, ("encoder",))  # the embedded VAE only where the config allows it (`standins`)
     if c.vae_path:
         # A missing or incomplete folder raises MissingWeightsError naming the expected layout.
         return SDVAEFeatures.from_pretrained(c.vae_path, device=device)

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,12 @@ from torch import Tensor, nn
 from avatar_core.cameras import Cameras
 from avatar_core.config import config_to_dict, save_config, to_settings
 from avatar_core.env import resolve_device
-from avatar_core.errors import ConfigError, MissingFileError
+from avatar_core.errors import ConfigError
 from avatar_core.io import save_json
-from avatar_core.train import TrainConfig, Trainer, global_batches, latest_checkpoint, shard_batch
+from avatar_core.train import TrainConfig, Trainer, latest_checkpoint
 from rodinhd.cascade import VGGPerceptual
-from rodinhd.conditioning import portrait_features
 from rodinhd.config import DiffusionTrainConfig, RodinHDConfig
-from rodinhd.data import downsample_triplanes, open_data, prepare_data
+from rodinhd.data import open_data, prepare_data
 from rodinhd.evaluate import ablate, evaluate
 from rodinhd.fitting import fit_shared, fit_triplanes
 from rodinhd.models import (
@@ -49,11 +48,18 @@ from rodinhd.models import (
     get_encoder,
     load_decoder,
     make_render_patch,
-    portraits,
     save_decoder,
     triplane_kwargs,
 )
 from rodinhd.sample import TriplaneSampler, render_file, sample
+from rodinhd.streaming import (
+    feature_cache,
+    low_res_cache,
+    resolve_standins,
+    stats_batches,
+    training_ids,
+    training_loader,
+)
 from rodinhd.triplane import TriplaneStore, rollout
 
 log = logging.getLogger("rodinhd")
@@ -90,26 +96,11 @@ def _run_signature(cfg: RodinHDConfig, section: str) -> dict:
     sec = config_to_dict(getattr(cfg, section))
     for k in _RESUMABLE:
         sec["train"].pop(k, None)
+    data = config_to_dict(cfg.data)
+    for k in ("num_workers", "view_cache"):  # how items are read, not which: free to change on resume
+        data.pop(k, None)
     return {section: sec, "triplane": config_to_dict(cfg.triplane), "decoder": config_to_dict(cfg.decoder),
-            "conditioning": config_to_dict(cfg.conditioning), "data": config_to_dict(cfg.data)}
-
-
-def _epoch_batches(items: dict[str, Any], n: int, batch_size: int, seed: int) -> Callable[[int], list]:
-    """``epoch -> batches``: a seeded permutation of the ``n`` samples per epoch, so a resumed run sees the same data.
-
-    ``items`` maps a field to a tensor with one row per sample, or to a list of such tensors (per-scale features).
-    ``batch_size`` is the global batch, split among processes by the kernel's rule (:mod:`avatar_core.train.sharding`).
-    """
-
-    def take(idx: Tensor) -> dict[str, Any]:
-        batch = shard_batch({k: (tuple(f[idx] for f in v) if isinstance(v, list) else v[idx]) for k, v in items.items()})
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in batch.items()}
-
-    def batches(epoch: int) -> list:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
-        return [take(idx) for idx in global_batches(perm, batch_size)]
-
-    return batches
+            "conditioning": config_to_dict(cfg.conditioning), "data": data, "standins": list(cfg.standins)}
 
 
 def fit_shared_stage(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", progress: bool = True) -> dict:
@@ -147,15 +138,6 @@ def fit_stage(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", ra
     return {"triplanes": str(store.root), "fitted": done, "seconds": time.perf_counter() - t0}
 
 
-def _fitted_triplanes(cfg: RodinHDConfig, out: Path, ids: Sequence[str]) -> Tensor:  # [N, 3, C, R, R]
-    store = TriplaneStore(out / "triplanes", cfg.triplane.channels, cfg.triplane.resolution)
-    missing = [a for a in ids if not store.exists(a)]
-    if missing:
-        raise MissingFileError(f"{len(missing)} training avatars have no stage-2 triplane (e.g. {missing[0]})",
-                               f"run `rodinhd fit --out {out}` first")
-    return torch.stack([store.load(a) for a in ids])
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Diffusion training
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,27 +146,30 @@ def train_base(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", r
     """``rodinhd train-base``: the base model on the fitted triplanes area-downsampled to ``base.resolution``.
 
     Runs on :class:`avatar_core.train.Trainer` (checkpoints, exact resume, EMA, ``accelerate launch``); with
-    ``resume`` an existing run continues, and a run whose settings differ from its checkpoint's is refused.
+    ``resume`` an existing run continues, and a run whose settings differ from its checkpoint's is refused. The data
+    streams from disk (:mod:`rodinhd.streaming`): downsampled triplanes and portrait features are cached once.
     """
     out = Path(out)
+    standins = resolve_standins(cfg, ("encoder",))  # before any work
     data = open_data(cfg, out)
     device = resolve_device(cfg.device)
-    ids = data.train_ids
+    ids = training_ids(cfg, out, data)
     encoder = get_encoder(cfg, out, data, device, progress)
-    with torch.no_grad():
-        feats = portrait_features(encoder, portraits(data, ids, cfg.conditioning.portrait_size).to(device))
-    feats = [f.cpu() for f in feats[: len(cfg.base.context_resolutions)]]
-    low = rollout(downsample_triplanes(_fitted_triplanes(cfg, out, ids), cfg.base.resolution))  # [N, C, r, 3r]
+    n = len(cfg.base.context_resolutions)
+    feats, ids = feature_cache(cfg, out, encoder, data, ids, device, progress)
+    low, ids = low_res_cache(cfg, out, ids, progress)
     model = build_base(cfg, feature_channels(encoder))
-    model.normalizer.fit(low)
+    model.normalizer.fit(rollout(p) for p in stats_batches(cfg, out, ids, low))
     loop = cfg.base.train
-    data_fn = _epoch_batches({"triplanes": low, "features": feats}, len(ids), loop.batch_size, cfg.seed)
+    loader = training_loader(cfg, out, data, ids, low, feats, n, loop.batch_size)
 
     def step(m: nn.Module, batch: dict) -> tuple[Tensor, dict]:
-        o = m(batch["triplanes"], batch["features"])
+        o = m(rollout(batch["low"]), [batch[f"f{k}"] for k in range(n)])
         return o["loss"], {"mse": o["mse"].detach(), "vlb": o["vlb"].detach()}
 
-    return _train_stage(cfg, out, "base", loop, model, step, data_fn, resume)
+    result = _train_stage(cfg, out, "base", loop, model, step, loader, resume)
+    save_json(out / "base" / "standins.json", standins.settings())
+    return {**result, "standins": standins.names()}
 
 
 def _train_stage(cfg: RodinHDConfig, out: Path, name: str, loop: DiffusionTrainConfig, model: nn.Module, step: Callable, data_fn: Callable,
@@ -205,37 +190,36 @@ def train_upsample(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd
     """``rodinhd train-upsample``: the upsample model (x0, Eq. 5) plus the image-level loss (Eq. 6) on patches
     rendered through the frozen decoder from a random training view per sample."""
     out = Path(out)
+    u = cfg.upsample
+    standins = resolve_standins(cfg, ("encoder", "perceptual"))  # before any work
     data = open_data(cfg, out)
     device = resolve_device(cfg.device)
-    ids = data.train_ids
-    u = cfg.upsample
+    ids = training_ids(cfg, out, data)
     encoder = get_encoder(cfg, out, data, device, progress)
-    with torch.no_grad():
-        feats = portrait_features(encoder, portraits(data, ids, cfg.conditioning.portrait_size).to(device))
-    feats = [f.cpu() for f in feats[: len(u.context_resolutions)]]
-    planes = _fitted_triplanes(cfg, out, ids)
-    high = rollout(planes)
-    low = rollout(downsample_triplanes(planes, cfg.base.resolution))
+    n = len(u.context_resolutions)
+    feats, ids = feature_cache(cfg, out, encoder, data, ids, device, progress)
+    low, ids = low_res_cache(cfg, out, ids, progress)
     decoder = load_decoder(cfg, out, device)
     render_patch = make_render_patch(decoder, cfg.triplane.bound, cfg.triplane.center, u.render_num_samples,
                                      cfg.render.background) if u.image_loss_weight > 0 else None
     perceptual = VGGPerceptual.from_local(u.vgg_path, u.lpips_path or None) if u.vgg_path else None
     model = build_upsample(cfg, feature_channels(encoder), render_patch, perceptual)
-    model.normalizer.fit(high)
-    cams = [data.get_views(a)[1] for a in ids]
+    model.normalizer.fit(rollout(p) for p in stats_batches(cfg, out, ids, None))
     loop = u.train
-    data_fn = _epoch_batches({"triplanes": high, "low_res": low, "features": feats,
-                              "index": torch.arange(len(ids))}, len(ids), loop.batch_size, cfg.seed)
+    loader = training_loader(cfg, out, data, ids, low, feats, n, loop.batch_size, full=True, cameras=True)
 
     def step(m: nn.Module, batch: dict) -> tuple[Tensor, dict]:
-        idx = batch["index"].tolist()
-        views = torch.randint(0, len(cams[0]), (len(idx),)).tolist()  # global RNG: restored on resume
-        cameras = Cameras.cat([cams[i][v] for i, v in zip(idx, views)])
-        o = m(batch["triplanes"], batch["low_res"], batch["features"], cameras=cameras)
+        viewmats, Ks = batch["viewmats"], batch["Ks"]  # [B, V, 4, 4], [B, V, 3, 3] from cameras.json
+        views = torch.randint(0, viewmats.shape[1], (len(viewmats),))  # global RNG: restored on resume
+        rows = torch.arange(len(viewmats))
+        cameras = Cameras(viewmats[rows, views], Ks[rows, views], int(batch["width"][0]), int(batch["height"][0]))
+        o = m(rollout(batch["planes"]), rollout(batch["low"]), [batch[f"f{k}"] for k in range(n)], cameras=cameras)
         metrics = {k: o[k].detach() for k in ("mse", "pixel", "perceptual") if k in o}
         return o["loss"], metrics
 
-    return _train_stage(cfg, out, "upsample", loop, model, step, data_fn, resume)
+    result = _train_stage(cfg, out, "upsample", loop, model, step, loader, resume)
+    save_json(out / "upsample" / "standins.json", standins.settings())
+    return {**result, "standins": standins.names()}
 
 
 
@@ -244,6 +228,7 @@ def train_all(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", pr
     """``rodinhd train-all`` (``make train-rodinhd``): dataset -> stage 1 -> stage 2 -> base -> upsample -> one
     sample from a held-out portrait. Each step resumes what an interrupted run left."""
     out = Path(out)
+    standins = resolve_standins(cfg)  # the paper's networks or the allowed stand-ins, before any work
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
 
@@ -265,7 +250,7 @@ def train_all(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", pr
     smp = timed("sample", sample, cfg, out, data.portrait_path(held), name=f"heldout_{held}")
     result = {"out": str(out), "config": str(out / "config.yaml"), "dataset": str(data.root),
               "decoder": s1["decoder"], "triplanes": str(out / "triplanes"), "base": str(out / "base"),
-              "upsample": str(out / "upsample"), "sample": smp, "seconds": times}
+              "upsample": str(out / "upsample"), "sample": smp, "seconds": times, **standins.settings()}
     if evaluate_after:
         result["eval"] = timed("evaluate", evaluate, cfg, out, progress)
     save_json(out / "train_all.json", result)

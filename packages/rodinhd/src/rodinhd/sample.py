@@ -27,6 +27,7 @@ from rodinhd.data import load_portrait
 from rodinhd.decoder import TriplaneDecoder
 from rodinhd.models import build_base, build_upsample, feature_channels, get_encoder, load_decoder, load_trained
 from rodinhd.renderer import TriplaneField, build_occupancy_grid, render_views
+from rodinhd.streaming import resolve_standins
 from rodinhd.triplane import TriplaneStore, unroll
 
 __all__ = ["TriplaneSampler", "load_triplane_file", "render_file", "sample"]
@@ -130,7 +131,8 @@ def sample(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", portr
                 "upsample_steps": s.upsample_steps or cfg.upsample.sample_steps, "guidance_scale": s.guidance_scale,
                 "base_seconds": info["base_seconds"], "upsample_seconds": info["upsample_seconds"],
                 "render_seconds": outputs.get("render_seconds"), "run": str(out),
-                "triplane_shape": list(planes.shape), "config": config_to_dict(cfg)}
+                "triplane_shape": list(planes.shape), "config": config_to_dict(cfg),
+                **resolve_standins(cfg, ("encoder",)).settings()}
     save_json(dest / "settings.json", settings)
     return {"dest": str(dest), "triplane": str(tri), **outputs, "settings": str(dest / "settings.json"),
             "base_seconds": info["base_seconds"], "upsample_seconds": info["upsample_seconds"]}

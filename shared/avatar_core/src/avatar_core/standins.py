@@ -122,13 +122,15 @@ class StandInRecord:
             log.info("%sno stand-ins: the paper's networks are used", f"{run}: " if run else "")
 
 
-def resolve(components: Sequence[Component], allowed: Sequence[str], config_key: str = "standins") -> StandInRecord:
+def resolve(components: Sequence[Component], allowed: Sequence[str], config_key: str = "standins",
+            known: Sequence[str] | None = None) -> StandInRecord:
     """Decide paper network or stand-in for each component, before any work (see the module docstring).
 
-    Raises :class:`MissingWeightsError` listing every missing file at once, or :class:`ConfigError` for an unknown
-    name in ``allowed``.
+    ``known``: every stand-in name the method has (default: those of ``components``), for a command that resolves
+    only the parts it uses. Raises :class:`MissingWeightsError` listing every missing file at once, or
+    :class:`ConfigError` for a name in ``allowed`` that is not known.
     """
-    known = {c.standin.name for c in components if c.standin is not None}
+    known = set(known) if known is not None else {c.standin.name for c in components if c.standin is not None}
     unknown = sorted(set(allowed) - known)
     if unknown:
         raise ConfigError(f"`{config_key}` names unknown stand-ins {unknown}",
