@@ -3,8 +3,8 @@
 A clip starts from a *reference* frame (the avatar in its dataset pose, seen from a reference camera) and has
 ``T`` frames: a **view** clip keeps the reference pose and moves the camera on an orbit that starts at the
 reference view; a **pose** clip keeps the reference camera and drives the body through a motion (a pose sequence
-``[T, J-1, 3]`` in the kernel's convention, e.g. from :mod:`avatar_core.body` motions, or by default a smooth
-interpolation from the reference pose to another sampled natural pose). Every frame has its RGBA render, camera,
+``[T, J-1, 3]`` or ``[T, J-1, 3, 3]`` in the kernel's convention, a built-in of :mod:`avatar_core.body.motions`,
+or by default per avatar one of :data:`DEFAULT_MOTIONS`). Every frame has its RGBA render, camera,
 body parameters and body normal map (camera space, OpenGL axes, in [0, 1]).
 
 The appearance, body and renders come from :class:`~avatar_core.data.generate.AvatarGenerator` and
@@ -40,11 +40,14 @@ from avatar_core.errors import ConfigError, CorruptFileError, InputError, Missin
 from avatar_core.io import image_grid, load_tensors, save_image, save_json, save_tensors
 from avatar_core.io.tensors import fsync_dir
 
-__all__ = ["CLIP_KINDS", "CLIP_FORMAT", "Clip", "ClipMaker", "write_clips", "load_clip", "list_clips",
+__all__ = ["CLIP_KINDS", "CLIP_FORMAT", "DEFAULT_MOTIONS", "Clip", "ClipMaker", "write_clips", "load_clip", "list_clips",
            "interpolated_motion"]
 
 CLIP_FORMAT = "avatar_core.synthetic_clips/1"
 CLIP_KINDS = ("view", "pose")
+#: Motions of the pose clips when none is given, cycled by avatar index: the kernel's built-ins and an
+#: interpolation between the avatar's pose and another sampled natural pose.
+DEFAULT_MOTIONS = ("interpolated", "walk", "wave")
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Clip:
     normals: Tensor  # [T, H, W, 3] camera-space (OpenGL axes) normals encoded (n + 1) / 2, 0 off-body
     cameras: Cameras  # T cameras
     shape: Tensor  # [S]
-    pose: Tensor  # [T, J-1, 3]
+    pose: Tensor  # [T, J-1, 3] axis-angle or [T, J-1, 3, 3] rotation matrices
     global_orient: Tensor  # [T, 3]
     transl: Tensor  # [T, 3]
     ref_rgba: Tensor  # [H, W, 4]
@@ -115,7 +118,17 @@ class ClipMaker:
         return orbit_cameras(1, radius=s["camera_radius"], elevation_deg=s["elevation_deg"], fov_deg=s["fov_deg"],
                              width=s["res"], height=s["res"], start_azimuth=azimuth_deg)
 
-    def make(self, index: int, kind: str, frames: int, motion: Tensor | None = None,
+    def named_motion(self, name: str, index: int, shape: Tensor, data: dict[str, Any], frames: int) -> Tensor:
+        """``"interpolated"`` (from the avatar's pose to another sampled natural pose) or a kernel built-in."""
+        if name == "interpolated":
+            rng = np.random.default_rng([int(self.settings["seed"]), int(index), 7])
+            start = data["attributes"].get("pose_params_deg", {})
+            return interpolated_motion(self.body, shape, start, sample_pose_params(rng), frames)
+        from avatar_core.body.motions import builtin_motion
+
+        return builtin_motion(self.body, name, frames)
+
+    def make(self, index: int, kind: str, frames: int, motion: Tensor | str | None = None,
              ref_azimuth_deg: float = 0.0) -> Clip:
         """A ``kind`` clip of avatar ``index`` with ``frames`` frames; ``motion [T, J-1, 3]`` drives a pose clip."""
         if kind not in CLIP_KINDS:
@@ -138,13 +151,14 @@ class ClipMaker:
                 rgba, normals = self._render(ref_verts, data["texture_f"], cams)
             else:
                 if motion is None:
-                    rng = np.random.default_rng([int(self.settings["seed"]), int(index), 7])
-                    start = data["attributes"].get("pose_params_deg", {})
-                    motion = interpolated_motion(self.body, shape, start, sample_pose_params(rng), frames)
+                    motion = DEFAULT_MOTIONS[index % len(DEFAULT_MOTIONS)]
+                if isinstance(motion, str):
+                    motion = self.named_motion(motion, index, shape, data, frames)
                 motion = torch.as_tensor(motion, dtype=ref_pose.dtype)
-                if motion.ndim != 3 or tuple(motion.shape[1:]) != tuple(ref_pose.shape):
-                    raise InputError(f"motion has shape {tuple(motion.shape)}, expected [T, {ref_pose.shape[0]}, 3] "
-                                     f"for {self.body.name}", "pass a pose sequence of this body model")
+                J1 = ref_pose.shape[0]
+                if motion.ndim not in (3, 4) or motion.shape[1] != J1 or tuple(motion.shape[2:]) not in ((3,), (3, 3)):
+                    raise InputError(f"motion has shape {tuple(motion.shape)}, expected [T, {J1}, 3] (axis-angle) or "
+                                     f"[T, {J1}, 3, 3] for {self.body.name}", "pass a pose sequence of this body model")
                 if motion.shape[0] != frames:
                     raise InputError(f"motion has {motion.shape[0]} frames, the clip {frames}",
                                      "pass frames=len(motion)")
@@ -202,12 +216,12 @@ def list_clips(root: str | os.PathLike, kind: str | None = None) -> list[Path]:
 
 def write_clips(out: str | os.PathLike, num: int, frames: int, res: int = 64, seed: int = 0,
                 kinds: tuple[str, ...] = CLIP_KINDS, first: int = 0, uv_res: int = 256,
-                motion: Tensor | None = None, overwrite: bool = False, progress: bool = True,
+                motion: Tensor | str | None = None, overwrite: bool = False, progress: bool = True,
                 body_model: BodyModel | None = None) -> Path:
     """Write the clips of avatars ``first .. first + num - 1`` (one per kind) to ``out``; resumes when rerun.
 
-    ``motion`` (``[frames, J-1, 3]``) drives every pose clip; default: per-avatar interpolations between
-    sampled natural poses. Avatars match dataset avatars of the same ``seed``, ``res`` and ``uv_res``.
+    ``motion`` (a pose sequence ``[frames, J-1, 3(, 3)]`` or a motion name) drives every pose clip; default: per
+    avatar one of :data:`DEFAULT_MOTIONS`. Avatars match dataset avatars of the same ``seed``, ``res`` and ``uv_res``.
     """
     for k in kinds:
         if k not in CLIP_KINDS:
@@ -215,7 +229,7 @@ def write_clips(out: str | os.PathLike, num: int, frames: int, res: int = 64, se
     if num < 1 or frames < 1:
         raise InputError(f"num and frames must be positive, got {num} and {frames}", "pass e.g. num=8 frames=20")
     settings = {**default_settings(first + num, 1, res, seed, "anny", uv_res), "frames": int(frames),
-                "kinds": list(kinds), "first": int(first), "motion": "given" if motion is not None else "interpolated"}
+                "kinds": list(kinds), "first": int(first), "motion": motion if isinstance(motion, str) else "given" if motion is not None else "default"}
     root = Path(out)
     meta_path = root / "meta.json"
     if meta_path.is_file() and not overwrite:
