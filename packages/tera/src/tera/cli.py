@@ -30,7 +30,7 @@ def _print(result: dict) -> None:
 def _fit_teacher(args):
     from tera import pipeline
 
-    _print(pipeline.fit_teacher(_config(args), create_dataset=args.make_dataset))
+    _print(pipeline.fit_teacher(_config(args), create_dataset=args.make_dataset, restart=args.restart))
 
 
 def _distill(args):
@@ -48,7 +48,7 @@ def _train(args):
 def _generate(args):
     from tera import pipeline
 
-    res = pipeline.generate(_config(args), args.prompt, out_dir=args.out, seed=args.seed)
+    res = pipeline.generate(_config(args), args.prompt, out_dir=args.out, seed=args.seed, overwrite=args.overwrite)
     _print({"dir": res["dir"], "files": res["files"], "seconds": res["seconds"]})
 
 
@@ -56,26 +56,26 @@ def _edit(args):
     from tera import pipeline
 
     res = pipeline.edit(_config(args), args.avatar, args.region, args.prompt, out_dir=args.out, seed=args.seed,
-                        method=args.method)
+                        method=args.method, overwrite=args.overwrite)
     _print({"dir": res["dir"], "files": res["files"], "seam": res["seam"], "seconds": res["seconds_edit"]})
 
 
 def _animate(args):
     from tera import pipeline
 
-    _print(pipeline.animate(_config(args), args.avatar, out=args.out, motion=args.motion))
+    _print(pipeline.animate(_config(args), args.avatar, out=args.out, motion=args.motion, overwrite=args.overwrite))
 
 
 def _export(args):
     from tera import pipeline
 
-    _print(pipeline.export(_config(args), args.avatar, args.out, motion=args.motion))
+    _print(pipeline.export(_config(args), args.avatar, args.out, motion=args.motion, overwrite=args.overwrite))
 
 
 def _evaluate(args):
     from tera import pipeline
 
-    report = pipeline.evaluate(_config(args), out_dir=args.out, ablation=not args.no_ablation)
+    report = pipeline.evaluate(_config(args), out_dir=args.out, ablation=not args.no_ablation, overwrite=args.overwrite)
     print(pipeline.format_report(report))
 
 
@@ -93,13 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("fit-teacher", "fit the project's teacher UV features to the dataset (or check IDOL features)",
                 _fit_teacher)
     p.add_argument("--make-dataset", action="store_true", help="write the synthetic dataset first if missing")
+    p.add_argument("--restart", action="store_true", help="fit every avatar again; the old features are moved to "
+                   "<teacher>.old-<time> (default: resume, under the same settings only)")
     for name, help_, func in (("distill", "stage 1: train the distillation decoder on teacher latents", _distill),
                               ("train", "stage 2: train the text-conditioned latent diffusion", _train)):
         p = command(name, help_, func)
-        p.add_argument("--restart", action="store_true", help="ignore existing checkpoints (default: resume)")
+        p.add_argument("--restart", action="store_true", help="start a new run; the old one is moved to "
+                       "<run>.old-<time> (default: resume, under the same settings only)")
     p = command("generate", "text -> avatar (PLY, turntable, attribute maps, latent, settings)", _generate)
     p.add_argument("prompt", help='e.g. "a woman in a red dress"')
-    p.add_argument("--out", default=None, help="output folder (default: <run_dir>/avatars/<prompt>)")
+    p.add_argument("--out", default=None, help="output folder (default: <run_dir>/avatars/<prompt>_s<seed>_<hash>)")
     p.add_argument("--seed", type=int, default=None)
     p = command("edit", "try-on: regenerate a body region of an avatar under a new prompt", _edit)
     p.add_argument("avatar", help="avatar folder or its avatar.safetensors")
@@ -111,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("animate", "a clip of the avatar with a built-in motion", _animate)
     p.add_argument("avatar")
     p.add_argument("--motion", default=None, help="walk or wave")
-    p.add_argument("--out", default=None, help="video path (default: <avatar>/<motion>.mp4)")
+    p.add_argument("--out", default=None, help="output folder for <motion>.mp4 (default: beside the avatar, "
+                   "<avatar>__<motion>_<hash>)")
     p = command("export", "canonical PLY + attribute maps (+ posed PLY frames with --motion)", _export)
     p.add_argument("avatar")
     p.add_argument("--out", required=True)
@@ -119,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("evaluate", "text faithfulness, editing errors, latent-resolution ablation", _evaluate)
     p.add_argument("--out", default=None)
     p.add_argument("--no-ablation", action="store_true")
+    for p in (c for c in commands if c.prog.split()[-1] in ("generate", "edit", "animate", "export", "evaluate")):
+        p.add_argument("--overwrite", action="store_true", help="replace an existing result in the output folder "
+                       "(its old files are deleted first); input folders are never written")
     for p in commands:  # after each command's own positionals: the overrides take what is left
         add_config_arguments(p)
     return parser

@@ -45,9 +45,10 @@ def run(out: Path, *, smallest: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
         stages = run_all(cfg, progress=False)
         models = load_models(cfg)
-        gens = [generate(cfg, p, seed=i, models=models) for i, p in enumerate(PROMPTS)]
-        ed = edit(cfg, gens[1]["dir"], "upper_clothes", "a man in a yellow shirt", models=models)
-        clip = animate(cfg, gens[0]["dir"], models=models)
+        # A rerun of the demo rewrites the demo's own results (and only those: they carry its result markers).
+        gens = [generate(cfg, p, seed=i, models=models, overwrite=True) for i, p in enumerate(PROMPTS)]
+        ed = edit(cfg, gens[1]["dir"], "upper_clothes", "a man in a yellow shirt", models=models, overwrite=True)
+        clip = animate(cfg, gens[0]["dir"], models=models, overwrite=True)
     finally:
         torch.set_num_threads(threads)  # the demo's single thread must not leak into the caller's other parts
     return {

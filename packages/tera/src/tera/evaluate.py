@@ -17,6 +17,7 @@ from torch import Tensor
 from avatar_core.config import merge_overrides
 from avatar_core.data.appearance import GARMENT_COLOURS
 from avatar_core.io import save_json
+from avatar_core.results import check_result_dir, prepare_result_dir
 from tera import edit as edit_mod
 from tera.avatars import Models, body_centre, load_models, turntable_cameras
 from tera.config import TeraConfig
@@ -191,19 +192,23 @@ def format_clip(clip: dict[str, Any] | None) -> list[str]:
 
 
 def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool = True,
-             progress: bool = True) -> dict[str, Any]:
-    """Text faithfulness (held-out prompts vs random captions), editing errors, latent-resolution ablation."""
+             progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Text faithfulness (held-out prompts vs random captions), editing errors, latent-resolution ablation.
+
+    ``out`` is a result folder (``avatar_core.results``): an earlier evaluation there is replaced only with
+    ``overwrite``."""
     start = time.perf_counter()
     e = cfg.evaluate
     out = Path(out_dir) if out_dir is not None else run_paths(cfg).run / "evaluation"
     edit_mod.parse_regions(e.edit_region)  # a bad region fails before anything is generated
-    out.mkdir(parents=True, exist_ok=True)
+    check_result_dir(out, EVALUATION_KIND, overwrite, recognise=_is_evaluation)
     models = load_models(cfg)
     ds = load_dataset(cfg)
     parts = models.avatar.uv_mapper.part_masks()
     sampling = {"sampler": e.sampler, "steps": None, "guidance": cfg.generate.guidance or None}
     # Loaded before any generation so a missing or incomplete CLIP folder fails at once, with nothing spent.
     clip = ClipScorer(e.clip_path, models.device) if e.clip_path else None
+    prepare_result_dir(out, EVALUATION_KIND, overwrite, recognise=_is_evaluation)
     report: dict[str, Any] = {}
 
     # The scorer on the dataset's own UV textures: how often it reads the truth (its ceiling).
@@ -316,6 +321,14 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
     save_json(out / "evaluation.json", report)
     (out / "evaluation.md").write_text(format_report(report), encoding="utf-8")
     return report
+
+
+EVALUATION_KIND = "tera.evaluation"
+
+
+def _is_evaluation(folder: Path) -> bool:
+    """An evaluation folder written before result markers existed."""
+    return (folder / "evaluation.json").is_file()
 
 
 def _with(cfg: TeraConfig, overrides: list[str]) -> TeraConfig:

@@ -1,8 +1,14 @@
 """What a user does with a trained TeRA run: text -> avatar (Sec. 3.4), try-on editing (Sec. 3.5), animation by
-the body's skinning (Sec. 3.1) and export to files other tools open. ``tera generate / edit / animate / export``."""
+the body's skinning (Sec. 3.1) and export to files other tools open. ``tera generate / edit / animate / export``.
+
+Every command writes a new result folder (``avatar_core.results``): the default name is unique per prompt, seed
+and settings; an existing folder is replaced only with ``overwrite`` (its old files are cleared first), and the
+source avatar of an edit, animation or export is never written to. Every argument is checked before anything is
+written or loaded."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -14,16 +20,17 @@ from torch import Tensor
 
 from avatar_core.errors import ConfigError, InputError
 from avatar_core.io import image_grid, save_image, save_json, save_tensors, write_video
+from avatar_core.results import check_result_dir, prepare_result_dir, result_name, short_hash, slug
 from tera import animate as anim
 from tera import edit as edit_mod
 from tera.avatars import (
+    AVATAR_FORMAT,
     Models,
     body_centre,
     decode,
     load_avatar,
     load_models,
     maps_image,
-    slug,
     turntable_cameras,
     write_avatar,
 )
@@ -42,6 +49,27 @@ def _check_prompt(prompt: str) -> str:
     return prompt.strip()
 
 
+AVATAR_KIND, ANIMATION_KIND, EXPORT_KIND = "tera.avatar", "tera.animation", "tera.export"
+
+
+def _is_avatar_dir(folder: Path) -> bool:
+    """An avatar folder written before result markers existed (its settings.json names the avatar format)."""
+    try:
+        return json.loads((folder / "settings.json").read_text()).get("format") == AVATAR_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_motion(motion: str) -> str:
+    if motion not in anim.MOTIONS:
+        raise InputError(f"unknown motion {motion!r}", f"use one of: {', '.join(anim.MOTIONS)}")
+    return motion
+
+
+def _source_dir(avatar_path: str | Path) -> Path:
+    return Path(avatar_path) if Path(avatar_path).is_dir() else Path(avatar_path).parent
+
+
 def sampling(cfg: TeraConfig, sampler: str | None = None) -> dict[str, Any]:
     """The sampler settings of ``cfg.generate`` (checked) as keywords of :func:`sample_latents`."""
     g = cfg.generate
@@ -57,12 +85,16 @@ def sample_latents(models: Models, prompts: list[str], seed: int, **options) -> 
 
 
 def generate(cfg: TeraConfig, prompt: str, out_dir: str | Path | None = None, seed: int | None = None,
-             models: Models | None = None, video: bool = True) -> dict[str, Any]:
-    """Text -> avatar (Sec. 3.4): sample a latent, decode, write every output; returns paths and timings."""
+             models: Models | None = None, video: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Text -> avatar (Sec. 3.4): sample a latent, decode, write every output; returns paths and timings.
+
+    The default folder is ``<run>/avatars/<prompt slug>_s<seed>_<hash of prompt, seed, settings>``."""
     prompt = _check_prompt(prompt)
-    models = models or load_models(cfg)
-    seed = cfg.generate.seed if seed is None else seed
+    seed = cfg.generate.seed if seed is None else int(seed)
     settings = sampling(cfg)
+    out = Path(out_dir) if out_dir is not None else run_paths(cfg).avatars / result_name(prompt, seed, settings)
+    check_result_dir(out, AVATAR_KIND, overwrite, recognise=_is_avatar_dir)
+    models = models or load_models(cfg)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -70,7 +102,7 @@ def generate(cfg: TeraConfig, prompt: str, out_dir: str | Path | None = None, se
     for w in caught:
         log.warning("%s", w.message)
     t_sample = time.perf_counter() - t0
-    out = Path(out_dir) if out_dir is not None else run_paths(cfg).avatars / f"{slug(prompt)}_s{seed}"
+    prepare_result_dir(out, AVATAR_KIND, overwrite, recognise=_is_avatar_dir)
     res = write_avatar(cfg, models, latent, out, {"prompt": prompt, "seed": seed, **settings, "kind": "generate"},
                        video=video)
     res["seconds_sample"] = t_sample
@@ -80,30 +112,34 @@ def generate(cfg: TeraConfig, prompt: str, out_dir: str | Path | None = None, se
 
 def edit(cfg: TeraConfig, avatar_path: str | Path, region: str, prompt: str, out_dir: str | Path | None = None,
          seed: int | None = None, method: str | None = None, models: Models | None = None,
-         video: bool = True) -> dict[str, Any]:
-    """Structure-aware editing / try-on (Sec. 3.5): regenerate ``region`` under ``prompt``; the source is kept."""
+         video: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Structure-aware editing / try-on (Sec. 3.5): regenerate ``region`` under ``prompt``; the source is kept.
+
+    The default folder sits beside the source: ``<source>__<region>__<prompt slug>_s<seed>_<hash>``."""
     prompt = _check_prompt(prompt)
     edit_mod.parse_regions(region)  # an unknown region fails here, listing the valid ones, before anything loads
     method = method or cfg.edit.method
+    seed = cfg.generate.seed if seed is None else int(seed)
+    settings = sampling(cfg)
+    src_dir = _source_dir(avatar_path)
+    out = Path(out_dir) if out_dir is not None else src_dir.parent / (
+        f"{src_dir.name}__{slug(region)}__"
+        + result_name(prompt, seed, {"region": region, "method": method, "source": str(src_dir), **settings}, n=24))
+    check_result_dir(out, AVATAR_KIND, overwrite, inputs=[avatar_path], recognise=_is_avatar_dir)
     models = models or load_models(cfg)
     latent, meta = load_avatar(avatar_path, models)
     model = models.diffusion
     cells = edit_mod.region_mask(models.avatar.uv_mapper.part_masks(), region, model.latent_shape[1:],
                                  rule=cfg.edit.rule, dilate=cfg.edit.dilate)
-    seed = cfg.generate.seed if seed is None else seed
-    settings = sampling(cfg)
     t0 = time.perf_counter()
     new = edit_mod.edit(model, latent, cells.cpu(), prompt, generator=torch.Generator().manual_seed(int(seed)),
                         method=method, **settings).cpu()
     t_edit = time.perf_counter() - t0
-    src_dir = Path(avatar_path) if Path(avatar_path).is_dir() else Path(avatar_path).parent
-    out = Path(out_dir) if out_dir is not None else src_dir.parent / f"{src_dir.name}__{slug(region)}_{slug(prompt, 24)}"
-    if out.resolve() == src_dir.resolve():
-        raise InputError(f"the edit would overwrite its source avatar in {src_dir}", "choose another output folder")
     seam = edit_mod.seam_gradient(new, cells)
     prov = {"prompt": prompt, "seed": seed, **settings, "kind": "edit", "region": region, "method": method,
             "source": str(avatar_path), "source_prompt": meta.get("prompt"), "seam": seam,
             "changed_outside_region": float((new - latent)[:, ~cells].abs().max()) if (~cells).any() else 0.0}
+    prepare_result_dir(out, AVATAR_KIND, overwrite, inputs=[avatar_path], recognise=_is_avatar_dir)
     res = write_avatar(cfg, models, new, out, prov, video=video)
     res.update({"seconds_edit": t_edit, "seam": seam, "cells": int(cells.sum()), "latent": new, "source_latent": latent,
                 "region_cells": cells})
@@ -111,12 +147,17 @@ def edit(cfg: TeraConfig, avatar_path: str | Path, region: str, prompt: str, out
 
 
 def animate(cfg: TeraConfig, avatar_path: str | Path, out: str | Path | None = None, motion: str | None = None,
-            models: Models | None = None) -> dict[str, Any]:
-    """A clip of the avatar with a built-in motion, posed by the body's skinning (Sec. 3.1)."""
+            models: Models | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """A clip of the avatar with a built-in motion, posed by the body's skinning (Sec. 3.1).
+
+    ``out`` is a result folder receiving ``<motion>.mp4`` and a strip ``<motion>.png``; by default it sits beside
+    the avatar, ``<avatar>__<motion>_<hash of the clip settings>`` (the avatar's own folder is never written)."""
     a = cfg.animate
-    motion = motion or a.motion
-    if motion not in anim.MOTIONS:
-        raise InputError(f"unknown motion {motion!r}", f"use one of: {', '.join(anim.MOTIONS)}")
+    motion = _check_motion(motion or a.motion)
+    src_dir = _source_dir(avatar_path)
+    clip = {"motion": motion, "frames": a.frames, "fps": a.fps, "size": a.render_size, "source": str(src_dir)}
+    folder = Path(out) if out is not None else src_dir.parent / f"{src_dir.name}__{motion}_{short_hash(clip)}"
+    check_result_dir(folder, ANIMATION_KIND, overwrite, inputs=[avatar_path])
     models = models or load_models(cfg, with_diffusion=False)
     latent, meta = load_avatar(avatar_path, models)
     t0 = time.perf_counter()
@@ -127,20 +168,23 @@ def animate(cfg: TeraConfig, avatar_path: str | Path, out: str | Path | None = N
     centre = body_centre(frames.means[0])
     cam = turntable_cameras(cfg, 1, centre, a.render_size)
     images = anim.render_frames(models.avatar, frames, cam, tuple(cfg.data.background))
-    src_dir = Path(avatar_path) if Path(avatar_path).is_dir() else Path(avatar_path).parent
-    path = Path(out) if out is not None else src_dir / f"{motion}.mp4"
+    prepare_result_dir(folder, ANIMATION_KIND, overwrite, inputs=[avatar_path], info={"source": str(avatar_path)})
+    path = folder / f"{motion}.mp4"
     written = write_video(path, images.cpu(), fps=a.fps)
     strip = save_image(path.with_suffix(".png"), image_grid(images[:: max(1, a.frames // 4)][:4].cpu(), nrow=4))
     return {"video": str(written), "strip": str(strip), "frames": a.frames, "motion": motion,
             "seconds": time.perf_counter() - t0}
 
 
-def export(cfg: TeraConfig, avatar_path: str | Path, out_dir: str | Path, motion: str | None = None) -> dict[str, Any]:
+def export(cfg: TeraConfig, avatar_path: str | Path, out_dir: str | Path, motion: str | None = None,
+           overwrite: bool = False) -> dict[str, Any]:
     """The avatar as files for other tools: canonical PLY, attribute maps, and optionally posed PLYs per frame."""
+    if motion:
+        _check_motion(motion)  # before anything is written
+    out = check_result_dir(out_dir, EXPORT_KIND, overwrite, inputs=[avatar_path])
     models = load_models(cfg, with_diffusion=False)
     latent, meta = load_avatar(avatar_path, models)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_result_dir(out, EXPORT_KIND, overwrite, inputs=[avatar_path], info={"source": str(avatar_path)})
     maps, g = decode(models, latent)
     files = {"ply": str(g.save_ply(out / "canonical.ply")),
              "maps": str(save_tensors(out / "maps.safetensors", {"maps": maps[0].cpu()}, {"source": str(avatar_path)})),

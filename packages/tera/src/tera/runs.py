@@ -31,8 +31,25 @@ from tera.data import TeraDataset, ensure_dataset
 from tera.distill import PerceptualLoss
 from tera.uv_gaussians import GaussianBatch, UVDecoder, UVGaussianAvatar
 
-__all__ = ["RunPaths", "build_avatar", "load_dataset", "perceptual", "posed_render", "run_paths", "train_device",
-           "uv_decoder"]
+__all__ = ["RunPaths", "build_avatar", "load_dataset", "perceptual", "posed_render", "run_paths", "stage_signature",
+           "train_device", "uv_decoder"]
+
+#: Settings read only after training (where the run lives, sampling, editing, animation, evaluation): a stage
+#: may resume under other values of these; every other setting is part of the stage's resume signature.
+AFTER_TRAINING = ("run_dir", "generate", "edit", "animate", "evaluate")
+#: Per stage, the sections it does not read besides AFTER_TRAINING (an explicit allow-list, never a pick-list).
+STAGE_MAY_CHANGE = {
+    "teacher": ("distill", "diffusion", "text", "teacher.features_dir", "data.num", "data.max_avatars"),
+    "distill": ("diffusion", "text", "teacher.features_dir"),
+    "diffusion": ("teacher.features_dir", "diffusion.guidance_scale", "diffusion.sample_steps", "diffusion.ddim_steps"),
+}
+
+
+def stage_signature(cfg: TeraConfig, stage: str) -> dict:
+    """What ``stage`` ("teacher", "distill", "diffusion") trains under: the whole config minus its allow-list."""
+    from avatar_core.train import config_signature
+
+    return config_signature(cfg, allow=AFTER_TRAINING + STAGE_MAY_CHANGE[stage])
 
 
 def train_device(cfg: TeraConfig) -> torch.device:

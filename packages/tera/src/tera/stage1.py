@@ -16,11 +16,20 @@ from avatar_core.config import config_to_dict
 from avatar_core.errors import ConfigError, CorruptFileError, MissingFileError
 from avatar_core.io import load_tensors, save_json, save_tensors
 from avatar_core.metrics import psnr
-from avatar_core.train import Trainer, global_batches, shard_batch
+from avatar_core.train import Trainer, global_batches, run_lock, seeded, shard_batch
 from tera.config import TeraConfig
 from tera.data import TeraDataset, training_views
 from tera.distill import DistillationDecoder, render_loss
-from tera.runs import build_avatar, load_dataset, perceptual, posed_render, run_paths, train_device, uv_decoder
+from tera.runs import (
+    build_avatar,
+    load_dataset,
+    perceptual,
+    posed_render,
+    run_paths,
+    stage_signature,
+    train_device,
+    uv_decoder,
+)
 from tera.teacher import DECODER_FILE, teacher_latents
 from tera.uv_gaussians import UVGaussianAvatar, composite
 
@@ -55,8 +64,8 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
     latents = teacher_latents(cfg, ds, r)
     avatar = build_avatar(cfg).to(device)
     settings = _decoder_settings(cfg, r)
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only: runs are reproducible
-    decoder = _build_decoder(settings)
+    with seeded(cfg.seed):  # the initial weights depend on the seed only: runs are reproducible
+        decoder = _build_decoder(settings)
     teacher_file = run_paths(cfg).teacher / DECODER_FILE
     if d.init_from_teacher and teacher_file.is_file():
         head = uv_decoder(cfg)
@@ -95,21 +104,23 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
     tc["progress_bar"] = bool(progress and tc.get("progress_bar", True))
     if steps is not None:
         tc["max_steps"] = int(steps)
-    trainer = Trainer(tc, decoder, lambda p: torch.optim.Adam(p, lr=d.lr), step_fn, data,
-                      run_config={"latent_resolution": r, "lr": d.lr, "batch_size": d.batch_size})
-    last = trainer.train(resume=resume)
-    decoder = trainer.unwrapped_model
-    if trainer.ema is not None:
-        trainer.ema.copy_to(decoder)
-    decoder.eval()
-    if not trainer.accelerator.is_main_process:  # other processes of `accelerate launch` stop here
-        return {"latent_resolution": r, "steps": trainer.step}
-    save_tensors(out / "decoder.safetensors", decoder.state_dict(), settings)
-    save_tensors(out / "latents.safetensors", {"latents": latents}, {"ids": ds.ids, "latent_resolution": r})
-    recon = reconstruction_psnr(cfg, decoder, latents, ds, avatar)
-    result = {"latent_resolution": r, "steps": trainer.step, "final_loss": last.get("loss"),
-              **recon, "seconds": time.perf_counter() - start}
-    save_json(out / "summary.json", result)
+    with run_lock(out):  # one run per folder, held until the stage's files are written
+        trainer = Trainer(tc, decoder, lambda p: torch.optim.Adam(p, lr=d.lr), step_fn, data,
+                          run_config={**stage_signature(cfg, "distill"), "latent_resolution": r},
+                          config_key="distill.train")
+        last = trainer.train(resume=resume)
+        decoder = trainer.unwrapped_model
+        if trainer.ema is not None:
+            trainer.ema.copy_to(decoder)
+        decoder.eval()
+        if not trainer.accelerator.is_main_process:  # other processes of `accelerate launch` stop here
+            return {"latent_resolution": r, "steps": trainer.step}
+        save_tensors(out / "decoder.safetensors", decoder.state_dict(), settings)
+        save_tensors(out / "latents.safetensors", {"latents": latents}, {"ids": ds.ids, "latent_resolution": r})
+        recon = reconstruction_psnr(cfg, decoder, latents, ds, avatar)
+        result = {"latent_resolution": r, "steps": trainer.step, "final_loss": last.get("loss"),
+                  **recon, "seconds": time.perf_counter() - start}
+        save_json(out / "summary.json", result)
     return result
 
 

@@ -14,11 +14,11 @@ from avatar_core.config import config_to_dict
 from avatar_core.env import resolve_device
 from avatar_core.errors import ConfigError, MissingFileError
 from avatar_core.io import load_tensors, save_json
-from avatar_core.train import Trainer, global_batches, shard_batch
+from avatar_core.train import Trainer, global_batches, run_lock, seeded, shard_batch
 from tera.config import TeraConfig
 from tera.data import caption_choice
 from tera.latent_diffusion import StructuredLatentDiffusion
-from tera.runs import load_dataset, run_paths, train_device
+from tera.runs import load_dataset, run_paths, stage_signature, train_device
 from tera.text import TextCondition, TextConditioner
 
 __all__ = ["load_latents", "load_model", "text_conditioner", "train", "unet_config"]
@@ -68,11 +68,11 @@ def train(cfg: TeraConfig, progress: bool = True, resume: str | None = "auto") -
     states = cond.states.reshape(len(ids), ncap, *cond.states.shape[1:]).cpu()  # [A, K, L, D]
     masks = cond.mask.reshape(len(ids), ncap, -1).cpu()  # [A, K, L]
     C, r = latents.shape[1], latents.shape[-1]
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only: runs are reproducible
-    model = StructuredLatentDiffusion(
-        unet_config(cfg, C, r, text.dim), text=text, num_train_timesteps=dc.num_train_timesteps,
-        schedule=dc.schedule, prediction=dc.prediction, text_dropout=dc.text_dropout,
-        guidance_scale=dc.guidance_scale, sample_steps=dc.sample_steps, ddim_steps=dc.ddim_steps)
+    with seeded(cfg.seed):  # the initial weights depend on the seed only: runs are reproducible
+        model = StructuredLatentDiffusion(
+            unet_config(cfg, C, r, text.dim), text=text, num_train_timesteps=dc.num_train_timesteps,
+            schedule=dc.schedule, prediction=dc.prediction, text_dropout=dc.text_dropout,
+            guidance_scale=dc.guidance_scale, sample_steps=dc.sample_steps, ddim_steps=dc.ddim_steps)
     model.set_latent_stats(latents, per_channel=dc.per_channel_stats)
     bs = min(dc.batch_size, len(ids))
     seed = cfg.seed
@@ -92,19 +92,21 @@ def train(cfg: TeraConfig, progress: bool = True, resume: str | None = "auto") -
     out = run_paths(cfg).diffusion
     tc["output_dir"] = str(out)
     tc["progress_bar"] = bool(progress and tc.get("progress_bar", True))
-    trainer = Trainer(tc, model,
-                      lambda p: torch.optim.AdamW(p, lr=dc.lr, weight_decay=dc.weight_decay), step_fn, data,
-                      run_config={"lr": dc.lr, "batch_size": bs, "latent_shape": [C, r, r], "text": cfg.text.encoder})
-    last = trainer.train(resume=resume)
-    model = trainer.unwrapped_model
-    if trainer.ema is not None:
-        trainer.ema.copy_to(model)
-    if not trainer.accelerator.is_main_process:
-        return {"steps": trainer.step}
-    model.save(out / "model")
-    result = {"steps": trainer.step, "final_loss": last.get("loss"), "latent_shape": [C, r, r],
-              "avatars": len(ids), "seconds": time.perf_counter() - start}
-    save_json(out / "summary.json", result)
+    with run_lock(out):  # one run per folder, held until the model is written
+        trainer = Trainer(tc, model,
+                          lambda p: torch.optim.AdamW(p, lr=dc.lr, weight_decay=dc.weight_decay), step_fn, data,
+                          run_config={**stage_signature(cfg, "diffusion"), "latent_shape": [C, r, r]},
+                          config_key="diffusion.train")
+        last = trainer.train(resume=resume)
+        model = trainer.unwrapped_model
+        if trainer.ema is not None:
+            trainer.ema.copy_to(model)
+        if not trainer.accelerator.is_main_process:
+            return {"steps": trainer.step}
+        model.save(out / "model")
+        result = {"steps": trainer.step, "final_loss": last.get("loss"), "latent_shape": [C, r, r],
+                  "avatars": len(ids), "seconds": time.perf_counter() - start}
+        save_json(out / "summary.json", result)
     return result
 
 

@@ -32,16 +32,20 @@ from avatar_core.body import BodyOutput
 from avatar_core.cameras import Cameras
 from avatar_core.env import resolve_device
 from avatar_core.errors import ConfigError, CorruptFileError, InputError, MissingFileError
-from avatar_core.io import load_tensors, save_tensors
+from avatar_core.io import load_json, load_tensors, save_json, save_tensors
+from avatar_core.train import move_aside, run_lock, signature_diff
 from tera.config import TeraConfig
 from tera.data import TeraDataset, training_views
 from tera.distill import PerceptualLoss, features_to_latent, render_loss
-from tera.runs import build_avatar, load_dataset, perceptual, posed_render, run_paths, uv_decoder
+from tera.runs import build_avatar, load_dataset, perceptual, posed_render, run_paths, stage_signature, uv_decoder
 from tera.uv_gaussians import UVDecoder, UVGaussianAvatar, composite
 
 FEATURE_KEY = "uv_features"
 FEATURE_CHANNELS = 32
 DECODER_FILE = "decoder.safetensors"
+#: The settings the fitted teacher's features were made under (written before the first avatar is fitted).
+FIT_SETTINGS_FILE = "fit_settings.json"
+FIT_FORMAT = "tera.teacher_fit/1"
 
 #: Views for one avatar: RGBA images ``[V, H, W, 4]`` in [0, 1], their V cameras, and the posed body the
 #: views show (None: the canonical body).
@@ -261,9 +265,28 @@ class TeacherFitter:
         return done
 
 
-def fit_teacher(cfg: TeraConfig, progress: bool = True, create_dataset: bool = False) -> dict[str, Any]:
+def check_fit_settings(root: Path, signature: dict[str, Any]) -> None:
+    """Refuse to add to features fitted under other settings (or unknown ones): one store, one set of settings."""
+    path = root / FIT_SETTINGS_FILE
+    fitted = root.is_dir() and any(p.suffix in (".safetensors", ".npy") for p in root.iterdir())
+    hint = (f"run `tera fit-teacher --restart` to fit every avatar again (the old features are kept as "
+            f"{root}.old-<time>), or restore the settings they were fitted with")
+    if path.is_file():
+        stored = load_json(path)
+        diff = signature_diff(stored.get("signature", {}), signature) if stored.get("format") == FIT_FORMAT else [
+            f"{path.name} is not a teacher-fit record"]
+        if diff:
+            raise ConfigError(f"the teacher features in {root} were fitted with other settings: " + "; ".join(diff), hint)
+    elif fitted:
+        raise ConfigError(f"{root} holds teacher features without a record of the settings they were fitted with "
+                          f"({FIT_SETTINGS_FILE})", hint)
+
+
+def fit_teacher(cfg: TeraConfig, progress: bool = True, create_dataset: bool = False,
+                restart: bool = False) -> dict[str, Any]:
     """``tera fit-teacher``: teacher UV features for every dataset avatar (fitted, or IDOL's checked on disk);
-    resumes where it stopped."""
+    resumes where it stopped, under the same settings only (others are refused; ``restart`` moves the old
+    features aside to ``<teacher>.old-<time>`` and fits every avatar again)."""
     start = time.perf_counter()
     t = cfg.teacher
     store = TeacherFeatureStore(run_paths(cfg).teacher, t.channels)
@@ -279,6 +302,17 @@ def fit_teacher(cfg: TeraConfig, progress: bool = True, create_dataset: bool = F
         return {"source": "idol", "avatars": len(ds), "seconds": time.perf_counter() - start}
     if t.source != "fit":
         raise ConfigError(f"teacher.source={t.source!r}", "use 'fit' (own teacher) or 'idol' (features on disk)")
+    with run_lock(store.root):  # one fit per folder
+        if restart:
+            move_aside(store.root)
+        signature = stage_signature(cfg, "teacher")
+        check_fit_settings(store.root, signature)
+        save_json(store.root / FIT_SETTINGS_FILE, {"format": FIT_FORMAT, "signature": signature})
+        return _fit(cfg, store, ds, progress, start)
+
+
+def _fit(cfg: TeraConfig, store: TeacherFeatureStore, ds: TeraDataset, progress: bool, start: float) -> dict[str, Any]:
+    t = cfg.teacher
     avatar = build_avatar(cfg)
     fitter = TeacherFitter(
         avatar, store, feature_resolution=t.resolution, decoder=uv_decoder(cfg), lr=t.lr, feature_lr=t.feature_lr,
@@ -318,5 +352,5 @@ def teacher_latents(cfg: TeraConfig, ds: TeraDataset, latent_resolution: int) ->
     return torch.stack(lat)
 
 
-__all__ = ["DECODER_FILE", "FEATURE_CHANNELS", "FEATURE_KEY", "TeacherFeatureStore", "TeacherFitter", "fit_teacher",
-           "teacher_latents"]
+__all__ = ["DECODER_FILE", "FEATURE_CHANNELS", "FEATURE_KEY", "FIT_SETTINGS_FILE", "TeacherFeatureStore",
+           "TeacherFitter", "check_fit_settings", "fit_teacher", "teacher_latents"]

@@ -168,9 +168,21 @@ def release(folder: str | os.PathLike) -> None:
         path.unlink(missing_ok=True)
 
 
+def is_main_process() -> bool:
+    """This is the main process of a launch (``accelerate launch`` / ``torchrun`` set ``RANK``), or the only one."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 @contextmanager
-def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
-    """Hold ``folder``'s run lock inside the block (re-entrant); released on exit, also on an error."""
+def run_lock(folder: str | os.PathLike, main_process_only: bool = True) -> Iterator[Path | None]:
+    """Hold ``folder``'s run lock inside the block (re-entrant); released on exit, also on an error.
+
+    Under a multi-process launch only the main process takes it (the others write nothing there): the
+    block runs on every process, and yields None where no lock was taken.
+    """
+    if main_process_only and not is_main_process():
+        yield None
+        return
     path = acquire(folder)
     try:
         yield path
