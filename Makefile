@@ -24,6 +24,9 @@ $(STAMP): $(SETUP_INPUTS)
 	$(BIN)/pip install $(foreach p,$(PACKAGES),-e packages/$(p)) "./shared/avatar_core[dev]"
 	# The packages pull the kernel in as a copy; replace it by an editable install of this checkout.
 	$(BIN)/pip install --no-deps -e shared/avatar_core
+	# lpips: LPIPS's linear heads (read from its wheel by avatar_core.perceptual) and the LPIPS test oracle.
+	# --no-deps: it declares torchvision, whose install would replace the pinned torch; it is never imported.
+	$(BIN)/pip install --no-deps "lpips==0.1.4"
 	touch $(STAMP)
 
 test: setup

@@ -14,7 +14,6 @@ from tera.distill import (
     DistillationDecoder,
     Distiller,
     PerceptualLoss,
-    _vgg16_features,
     features_to_latent,
     latent_scale,
 )
@@ -109,20 +108,24 @@ def test_latent_is_downsampled_features_and_scale_is_their_std():
     torch.testing.assert_close(latent_scale(chunks, center=False), lat.pow(2).mean().sqrt())
 
 
-def test_perceptual_loss_embedded_and_vgg(tmp_path):
-    """Zero for equal images, larger for more different ones; VGG16 from a local file; a missing file is named."""
+def test_perceptual_loss_embedded_and_vgg(tmp_path, monkeypatch):
+    """Zero for equal images, larger for more different ones; VGG16 from a local file or $TERA_VGG16_WEIGHTS."""
+    from avatar_core.perceptual import vgg16_features
+
     torch.manual_seed(0)
     a = torch.rand(2, 32, 32, 3)
     near, far = (a + 0.05 * torch.randn_like(a)).clamp(0, 1), torch.rand(2, 32, 32, 3)
-    for loss in (PerceptualLoss(), None):
-        if loss is None:  # a torchvision-layout VGG16 state dict with random weights stands in for the real one
-            state = {f"features.{k}": t for k, t in _vgg16_features().state_dict().items()}
-            save_tensors(tmp_path / "vgg16.safetensors", state)
-            loss = PerceptualLoss(tmp_path / "vgg16.safetensors")
-            assert loss.kind == "vgg16"
+    # A torchvision-layout VGG16 state dict with random weights stands in for the real one.
+    state = {f"features.{k}": t for k, t in vgg16_features().state_dict().items()}
+    save_tensors(tmp_path / "vgg16.safetensors", state)
+    monkeypatch.delenv("TERA_VGG16_WEIGHTS", raising=False)
+    assert PerceptualLoss().kind == "random_feature_perceptual"
+    monkeypatch.setenv("TERA_VGG16_WEIGHTS", str(tmp_path / "vgg16.safetensors"))
+    assert PerceptualLoss().kind == "lpips"
+    for loss in (PerceptualLoss(lpips_weights=None), PerceptualLoss(tmp_path / "vgg16.safetensors")):
         assert loss(a, a).abs().max() < 1e-6
         assert (loss(a, near) < loss(a, far)).all()
-    with pytest.raises(MissingWeightsError, match="random-feature"):
+    with pytest.raises(MissingWeightsError, match="not found"):
         PerceptualLoss(tmp_path / "missing.pth")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +37,9 @@ from avatar_core.diffusion import (
     space_timesteps,
     x0_from_eps,
 )
-from avatar_core.errors import ConfigError, InputError, MissingWeightsError
+from avatar_core.errors import ConfigError, InputError
 from avatar_core.metrics import ssim
+from avatar_core.perceptual import LPIPS, BackboneFeatures, feature_distance
 from rodinhd.conditioning import PortraitTokenizer, drop_condition, null_features
 from rodinhd.unet import TriplaneUNet, planes_to_rollout, rollout_to_planes
 
@@ -359,87 +359,34 @@ class BaseDiffusion(_Conditioned):
 
 # -- perceptual terms for the image-level loss (Eq. 6) -------------------------------------------------------------
 
-_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
-_VGG16_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (torchvision feature indices)
-
-
 class VGGPerceptual(nn.Module):
-    """Psi^l of Eq. 6: VGG-16 features at relu1_2 ... relu5_3 from local weights (torchvision's ``features.N``
-    key layout, .safetensors or .pth). With LPIPS linear heads (``lin0..lin4`` from the ``lpips`` package's
-    ``vgg.pth``) it computes LPIPS (Zhang et al. 2018); without them the paper's sum of squared feature differences.
+    """Psi^l of Eq. 6 over the kernel's VGG-16 (:mod:`avatar_core.perceptual`, torchvision weights from a local file):
+    with LPIPS's linear heads (the ``lpips`` package's ``vgg.pth``) LPIPS (Zhang et al. 2018); without them the
+    paper's sum over relu1_2 ... relu5_3 of squared feature differences. The batch mean, a scalar.
     """
 
-    def __init__(self, vgg_state: dict[str, Tensor], lpips_state: dict[str, Tensor] | None = None):
+    def __init__(self, backbone: BackboneFeatures | None = None, lpips: LPIPS | None = None):
         super().__init__()
-        layers: list[nn.Module] = []
-        cin = 3
-        for v in _VGG16:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(cin, int(v), 3, padding=1), nn.ReLU(inplace=False)]
-                cin = int(v)
-        self.features = nn.Sequential(*layers[: _VGG16_TAPS[-1] + 1])
-        state = {k[len("features."):]: v for k, v in vgg_state.items() if k.startswith("features.")}
-        missing = [k for k in self.features.state_dict() if k not in state]
-        if missing:
-            raise MissingWeightsError(f"VGG-16 weights lack {len(missing)} tensors (e.g. features.{missing[0]})",
-                                      "give torchvision's vgg16 state dict (keys features.N.weight/bias)")
-        self.features.load_state_dict({k: state[k] for k in self.features.state_dict()})
-        self.lins = None
-        if lpips_state is not None:
-            widths = (64, 128, 256, 512, 512)
-            self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in widths)
-            for i, lin in enumerate(self.lins):
-                key = f"lin{i}.model.1.weight"
-                if key not in lpips_state:
-                    raise MissingWeightsError(f"LPIPS weights lack {key}", "give the lpips package's vgg.pth")
-                lin.weight.data.copy_(lpips_state[key])
-        self.requires_grad_(False)
-        self.eval()
-
-    @staticmethod
-    def _read(path: Path) -> dict[str, Tensor]:
-        if not path.is_file():
-            raise MissingWeightsError(f"perceptual-loss weights not found at {path}",
-                                      "put VGG-16 (torchvision layout) / LPIPS vgg.pth files there, or leave "
-                                      "perceptual weights unset to use the embedded structural loss")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        if (backbone is None) == (lpips is None):
+            raise ConfigError("VGGPerceptual takes a VGG-16 backbone or an LPIPS metric", "use VGGPerceptual.from_local")
+        self.backbone, self.lpips = backbone, lpips
 
     @classmethod
     def from_local(cls, vgg_path: str | PathLike, lpips_path: str | PathLike | None = None) -> VGGPerceptual:
         """Load from local files only (no download)."""
-        lp = cls._read(Path(lpips_path)) if lpips_path else None
-        return cls(cls._read(Path(vgg_path)), lp)
+        if lpips_path:
+            return cls(lpips=LPIPS.from_files(vgg_path, lpips_path, "vgg"))
+        return cls(backbone=BackboneFeatures.from_file(vgg_path, "vgg", normalization="imagenet"))
+
+    def describe(self) -> dict:
+        if self.lpips is not None:
+            return self.lpips.describe()
+        return {"kind": "vgg_feature_distance", "backbone_weights": self.backbone.source}
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:  # [B, P, P, 3] in [0, 1] each -> scalar
-        x = pred.permute(0, 3, 1, 2) * 2 - 1
-        y = target.permute(0, 3, 1, 2) * 2 - 1
-        if self.lins is not None:  # LPIPS' scaling layer on [-1, 1] inputs
-            shift = x.new_tensor([-0.030, -0.088, -0.188])[:, None, None]
-            scale = x.new_tensor([0.458, 0.448, 0.450])[:, None, None]
-        else:  # ImageNet statistics, as torchvision's VGG expects
-            shift = x.new_tensor([0.485, 0.456, 0.406])[:, None, None] * 2 - 1
-            scale = x.new_tensor([0.229, 0.224, 0.225])[:, None, None] * 2
-        h = torch.cat([(x - shift) / scale, (y - shift) / scale])
-        total = pred.new_zeros(())
-        tap = 0
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i == _VGG16_TAPS[tap]:
-                fa, fb = h.chunk(2)
-                if self.lins is not None:
-                    fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                    fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                    total = total + self.lins[tap]((fa - fb) ** 2).mean()
-                else:
-                    total = total + ((fa - fb) ** 2).mean()
-                tap += 1
-        return total
+        if self.lpips is not None:
+            return self.lpips(pred, target).mean()
+        return feature_distance(self.backbone, pred, target).mean()
 
 
 class StructuralLoss(nn.Module):

@@ -7,10 +7,9 @@ attributes in two branches (IDOL's UV decoder heads), trained with
 
     L_dist = sum_views ( ||I_pred - I_gt||^2 + lambda_vgg * L_vgg ) + lambda_offset * ||G_offset||^2.
 
-Perceptual term: VGG16 features from a local weights file when one is configured (torchvision's ``vgg16``
-state-dict layout). Without one the embedded default is a *random-feature* perceptual loss: a fixed, seeded,
-untrained three-scale conv network whose channel-normalised activations are compared like LPIPS compares VGG's.
-It is not VGG: it rewards matching local structure at several scales, but has none of VGG's learned semantics.
+Perceptual term: the kernel's :mod:`avatar_core.perceptual`: LPIPS over VGG-16 from a local torchvision weights
+file when one is configured; without one its embedded random-feature stand-in (not VGG: it rewards matching local
+structure at several scales, but has none of VGG's learned semantics).
 """
 
 from __future__ import annotations
@@ -18,146 +17,32 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatar_core.cameras import Cameras
-from avatar_core.errors import CorruptFileError, InputError, MissingWeightsError
+from avatar_core.errors import InputError
+from avatar_core.perceptual import PerceptualLoss as KernelPerceptualLoss
 from tera.uv_gaussians import UVDecoder, UVGaussianAvatar, composite
-
-# torchvision's vgg16().features layout: conv channel counts, "M" = 2x2 max-pool.
-_VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512)
-# Indices (in that Sequential) of the ReLUs LPIPS taps: relu1_2, relu2_2, relu3_3, relu4_3.
-_VGG16_TAPS = (3, 8, 15, 22)
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 # --------------------------------------------------------------------------------------------------
 # Perceptual loss
 # --------------------------------------------------------------------------------------------------
 
 
-def _vgg16_features() -> nn.Sequential:
-    layers: list[nn.Module] = []
-    c = 3
-    for v in _VGG16_CFG:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=False)]
-            c = v
-    return nn.Sequential(*layers)
+class PerceptualLoss(KernelPerceptualLoss):
+    """TeRA's L_vgg term: the kernel's perceptual loss (:class:`avatar_core.perceptual.PerceptualLoss`).
 
-
-def _load_state(path: Path) -> dict[str, Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, wrong format
-        raise CorruptFileError(f"cannot read VGG16 weights {path}: {exc}",
-                               "pass a torchvision vgg16 state dict saved as .pth or .safetensors") from exc
-    return state.get("state_dict", state) if isinstance(state, dict) else state
-
-
-class PerceptualLoss(nn.Module):
-    """Perceptual image distance (the L_vgg term of TeRA's L_dist), frozen; per image ``[...]``.
-
-    Args:
-        vgg_weights: path of torchvision ``vgg16`` weights (``features.N.weight`` keys, or the bare
-            ``features`` Sequential's ``N.weight``), ``.pth`` or ``.safetensors``; also read from
-            ``$TERA_VGG16_WEIGHTS``. None and no variable: the embedded random-feature loss (module docstring).
-        random_channels: widths of the random network's three scales.
-        seed: fixes the random network, so losses are comparable across runs.
-    Features of each tap are unit-normalised over channels and compared by mean squared difference (LPIPS
-    without its learned per-channel weights); the taps are averaged.
+    ``vgg_weights``: a local torchvision ``vgg16`` state dict (also read from ``$TERA_VGG16_WEIGHTS``) gives
+    LPIPS over VGG-16 (IDOL's LPIPS term; heads from ``lpips_weights`` or an installed ``lpips`` package, else
+    LPIPS's baseline); none gives the kernel's embedded random-feature stand-in. ``describe()`` names the choice.
     """
 
-    def __init__(self, vgg_weights: str | os.PathLike | None = None,
-                 random_channels: Sequence[int] = (16, 32, 64), seed: int = 0):
-        super().__init__()
-        vgg_weights = vgg_weights or os.environ.get("TERA_VGG16_WEIGHTS") or None
-        if vgg_weights is not None:
-            path = Path(vgg_weights)
-            if not path.is_file():
-                raise MissingWeightsError(f"VGG16 weights not found at {path}",
-                                          "pass a local torchvision vgg16 weights file, or leave vgg_weights unset "
-                                          "for the embedded random-feature perceptual loss")
-            net = _vgg16_features()
-            state = _load_state(path)
-            state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier")}
-            try:
-                _strict_prefix_load(net, state)
-            except RuntimeError as exc:
-                raise CorruptFileError(f"{path} does not hold VGG16 convolution weights: {exc}",
-                                       "pass torchvision's vgg16 state dict") from exc
-            self.kind = "vgg16"
-            self.taps = _VGG16_TAPS
-            self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(_IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
-        else:
-            g = torch.Generator().manual_seed(seed)
-            layers: list[nn.Module] = []
-            taps = []
-            c = 3
-            for k, width in enumerate(random_channels):
-                conv = nn.Conv2d(c, width, 3, padding=1)
-                with torch.no_grad():  # He-normal so activations keep their scale through the stages
-                    conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * math.sqrt(2.0 / (9 * c)))
-                    conv.bias.zero_()
-                if k > 0:
-                    layers.append(nn.AvgPool2d(2))
-                layers += [conv, nn.ReLU()]
-                taps.append(len(layers) - 1)
-                c = width
-            net = nn.Sequential(*layers)
-            self.kind = "random"
-            self.taps = tuple(taps)
-            self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5), persistent=False)
-            self.register_buffer("std", torch.full((1, 3, 1, 1), 0.25), persistent=False)
-        self.net = net.eval().requires_grad_(False)
-
-    def train(self, mode: bool = True):  # the feature network never leaves eval mode
-        super().train(mode)
-        self.net.eval()
-        return self
-
-    def _features(self, x: Tensor) -> list[Tensor]:
-        x = (x - self.mean.to(x)) / self.std.to(x)
-        out = []
-        for i, layer in enumerate(self.net):
-            x = layer(x)
-            if i in self.taps:
-                out.append(x / (x.norm(dim=1, keepdim=True) + 1e-10))
-            if i >= self.taps[-1]:
-                break
-        return out
-
-    def forward(self, pred: Tensor, target: Tensor) -> Tensor:  # [..., H, W, 3] x2 -> [...]
-        if pred.shape != target.shape or pred.shape[-1] != 3:
-            raise InputError(f"perceptual loss needs two [..., H, W, 3] images of one shape, got "
-                             f"{tuple(pred.shape)} and {tuple(target.shape)}", "composite RGBA targets first")
-        lead = pred.shape[:-3]
-        x = torch.cat([pred.reshape(-1, *pred.shape[-3:]), target.reshape(-1, *target.shape[-3:])]).permute(0, 3, 1, 2)
-        feats = self._features(x.to(self.mean.dtype))
-        n = x.shape[0] // 2
-        dist = sum(((f[:n] - f[n:]) ** 2).sum(1).mean((1, 2)) for f in feats) / len(feats)
-        return dist.reshape(lead).to(pred.dtype)
-
-
-def _strict_prefix_load(net: nn.Sequential, state: dict[str, Tensor]) -> None:
-    """Load the conv weights of ``net`` from ``state``; every needed key must be there with the right shape."""
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise RuntimeError(f"missing keys {missing[:4]}{'...' if len(missing) > 4 else ''}")
-    net.load_state_dict({k: state[k] for k in own}, strict=True)
+    def __init__(self, vgg_weights: str | os.PathLike | None = None, lpips_weights: str | os.PathLike | None = "auto",
+                 seed: int = 0):
+        super().__init__(vgg_weights or os.environ.get("TERA_VGG16_WEIGHTS") or None, lpips_weights, "vgg", seed)
 
 
 # --------------------------------------------------------------------------------------------------
