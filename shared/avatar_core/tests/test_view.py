@@ -81,7 +81,7 @@ def test_dataset_folder_lists_avatars_with_captions(tmp_path):
     root = tmp_path / "ds"
     save_json(root / "meta.json", {"format": 1})
     for i, caption in enumerate(["a man in a green jacket", "a girl in a yellow skirt"]):
-        a = root / f"{i:06d}"
+        a = root / "avatars" / f"{i:06d}"  # the layout avatar-core make-dataset writes
         save_json(a / "attributes.json", {"caption": caption})
         _png(a / "views" / "000.png")
         _png(a / "views" / "001.png")
@@ -195,5 +195,43 @@ def test_viewer_controls_in_process(run_dir):
         app._show_frame(3)
         assert tuple(app.clip_image.image[0, 0]) == (120, 0, 0)
         assert "| loss | 5 |" in app.log_table.content and len(app._plots) == 2
+    finally:
+        app.stop()
+
+
+class _Ball:
+    """A radiance field standing in for a method's decoded triplane: an opaque green ball of radius 0.3."""
+
+    aabb = [-0.5, -0.5, -0.5, 0.5, 0.5, 0.5]
+
+    def __call__(self, points):
+        inside = (points.norm(dim=-1) < 0.3).float()
+        return torch.tensor([0.1, 0.8, 0.2]).expand(len(points), 3), 500 * inside
+
+
+def test_triplane_results_as_density_point_cloud_or_views(tmp_path):
+    from avatar_core.io import save_tensors
+    from avatar_core.view.server import ViewerApp
+
+    sample = tmp_path / "samples" / "s0"
+    save_tensors(sample / "triplane.safetensors", {"planes": torch.zeros(4, 8, 24)})
+    for i in range(3):
+        _png(sample / "views" / f"{i:03d}.png", (0, 60 * i, 0))
+    found = discover(tmp_path)
+    assert [(r.name, r.kind, len(r.views)) for r in found.results] == [("samples/s0", "triplane", 3)]
+    loaded = []
+    app = ViewerApp(found, free_port(18750), triplane_field=lambda p: loaded.append(p) or _Ball())
+    try:
+        app._triplane_job.join(timeout=60)  # extracted in the background, coarse then fine
+        assert loaded == [sample / "triplane.safetensors"]
+        pts, rgb = app.points
+        r = np.linalg.norm(pts, axis=1)
+        assert len(pts) > 100 and r.max() < 0.3 and r.min() > 0.3 - 2 * (1.0 / 96)
+        np.testing.assert_allclose(rgb, [[0.1, 0.8, 0.2]] * len(pts), atol=1e-6)
+    finally:
+        app.stop()
+    app = ViewerApp(found, free_port(18760))  # without a method's field: the rendered views, and how to see more
+    try:
+        assert app.points is None and app.frame.max == 2 and "rodinhd view" in app.info.content
     finally:
         app.stop()

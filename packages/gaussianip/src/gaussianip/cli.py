@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from avatar_core.cli import add_config_arguments, check_overrides, make_parser, run
+from avatar_core.view import add_view_command
 from gaussianip import __doc__ as DESCRIPTION
 from gaussianip import __version__
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     add_config_arguments(p)
     p.set_defaults(func=_evaluate)
+    add_view_command(sub, default_path="outputs/gaussianip", what="GaussianIP results (splats, motions, curves)")
     return parser
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from avatar_core.cli import add_config_arguments, check_overrides, make_parser, run
 from avatar_core.errors import InputError
+from avatar_core.view import add_view_command
 from rodinhd import __doc__ as DESCRIPTION
 from rodinhd import __version__
 
@@ -107,6 +108,22 @@ def _train_all(args):
     _print(r)
 
 
+def _view_settings(args) -> dict:
+    """``rodinhd view``: the run folder unless a PATH is given; triplanes decoded by that run's decoder."""
+    cfg = _cfg(args)
+
+    def field(path):
+        from rodinhd.models import load_decoder
+        from rodinhd.renderer import TriplaneField
+        from rodinhd.sample import load_triplane_file
+
+        t = cfg.triplane
+        return TriplaneField(load_triplane_file(path, t.channels, t.resolution), load_decoder(cfg, args.out),
+                             t.bound, t.center)
+
+    return {"path": args.out, "triplane_field": field}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, sub = make_parser("rodinhd", DESCRIPTION, __version__)
     p = sub.add_parser("fit-shared", help="stage 1: fit triplanes and the shared decoder (task replay + IWC)")
@@ -145,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--evaluate", action="store_true", help="also run evaluate at the end")
     p.set_defaults(func=_train_all)
+    p = add_view_command(sub, what="RodinHD samples and fitted triplanes (a point cloud from the decoded density)",
+                         configure=_view_settings)
+    _common(p)
     return parser
 
 

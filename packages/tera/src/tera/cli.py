@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from avatar_core.cli import add_config_arguments, check_overrides, make_parser, run
+from avatar_core.view import add_view_command
 from tera import __doc__ as DESCRIPTION
 from tera import __version__
 
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(its old files are deleted first); input folders are never written")
     for p in commands:  # after each command's own positionals: the overrides take what is left
         add_config_arguments(p)
+    add_view_command(sub, default_path="outputs/tera", what="TeRA avatars, edits (before / after), exported motions")
     return parser
 
 

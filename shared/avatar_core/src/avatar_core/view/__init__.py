@@ -11,17 +11,28 @@ __all__ = ["LOOKED_FOR", "Found", "Result", "discover", "Splats", "density_point
            "splats_from_ply", "splats_from_tensors", "ViewerApp", "free_port", "serve", "add_view_command"]
 
 
-def add_view_command(sub, default_path: str | None = None, triplane_field=None, body: str | None = None,
-                     what: str = "results") -> None:
-    """Add the ``view`` sub-command to a console script's sub-parsers (every method CLI shares it)."""
+def add_view_command(sub, default_path: str | None = None, what: str = "results", configure=None):
+    """Add the ``view`` sub-command to a console script's sub-parsers (the kernel's and every method's CLI).
+
+    ``default_path``: what ``view`` opens without a PATH (a method's run folder). ``configure(args) -> dict``:
+    extra keyword arguments for :func:`serve` built from the parsed arguments (e.g. ``triplane_field``, or
+    ``path`` when the default depends on other options). Returns the sub-parser, for a method's own options."""
     p = sub.add_parser("view", help=f"look at {what} in the browser (serves on 127.0.0.1, prints the URL)")
-    p.add_argument("path", nargs="?" if default_path else None, default=default_path,
+    p.add_argument("path", nargs="?", default=None,
                    help="a result folder, a run folder, a dataset folder or a .ply"
                         + (f" (default: {default_path})" if default_path else ""))
     p.add_argument("--port", type=int, default=8080, help="port (the next free one is taken if it is in use)")
 
     def _view(args) -> int:
-        serve(args.path, port=args.port, triplane_field=triplane_field, body=body)
+        from avatar_core.errors import InputError
+
+        kwargs = dict(configure(args)) if configure is not None else {}
+        fallback = kwargs.pop("path", None) or default_path
+        path = args.path or fallback
+        if path is None:
+            raise InputError("view needs a PATH", "pass a result, run or dataset folder, or a .ply file")
+        serve(path, port=args.port, **kwargs)
         return 0
 
     p.set_defaults(func=_view)
+    return p

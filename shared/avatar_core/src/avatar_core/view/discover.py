@@ -4,9 +4,11 @@ The rules are generic, so a method's outputs are found by what they contain, not
 
 * a folder with a 3DGS PLY is a splat result (``avatar.ply``, ``canonical.ply``, ``point_cloud.ply``, ... or any
   PLY with the 3DGS properties); PLYs named ``<motion>_<NNN>.ply`` are the frames of a motion;
-* a folder with ``triplane.safetensors`` is a triplane result;
+* a folder with ``triplane.safetensors`` is a triplane result, and so is every ``.safetensors`` in a ``triplanes/``
+  folder (fitted triplanes, one file per avatar);
 * a folder with ``frames/*.png`` or a video (``.mp4``, ``.gif``) is a clip;
-* a folder with ``meta.json`` and avatar folders holding ``attributes.json`` is a dataset, each avatar one entry;
+* a folder with ``meta.json`` and avatar folders (``avatars/NNNNNN/``) holding ``attributes.json`` is a dataset,
+  each avatar one entry with its caption, views and portrait;
 * a ``metrics.jsonl`` anywhere is a training log.
 
 Beside that a result may have a reference image (``reference.png``, ``input.png``, ``portrait.png``, ...), a
@@ -162,7 +164,8 @@ def _result_in(folder: Path, root: Path, skipped: list[str]) -> Result | None:
 
 def _dataset(root: Path) -> list[Result]:
     out = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / "attributes.json").is_file()):
+    holder = root / "avatars" if (root / "avatars").is_dir() else root
+    for folder in sorted(p for p in holder.iterdir() if p.is_dir() and (p / "attributes.json").is_file()):
         attrs = _read_json(folder / "attributes.json")
         views = _pngs(folder / "views")
         portrait = folder / "portrait.png"
@@ -205,8 +208,12 @@ def discover(path: str | os.PathLike) -> Found:
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIP_DIRS and depth < MAX_DEPTH)
         if "metrics.jsonl" in files:
             metrics.append(here / "metrics.jsonl")
-        if "attributes.json" in files and (here.parent / "meta.json").is_file():
+        if "attributes.json" in files and any((d / "meta.json").is_file() for d in (here.parent, here.parent.parent)):
             dirs[:] = []  # a dataset avatar, listed above
+            continue
+        if here.name == "triplanes":  # a method's fitted triplanes, one file per avatar
+            results += [Result(name=(here / f).relative_to(root).with_suffix("").as_posix(), path=here,
+                               kind="triplane", triplane=here / f) for f in sorted(files) if f.endswith(".safetensors")]
             continue
         res = _result_in(here, root, skipped)
         if res is not None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from avatar_core.errors import InputError, MissingFileError
+from avatar_core.errors import AvatarError, InputError, MissingFileError
 from avatar_core.view.discover import LOOKED_FOR, Found, Result, discover
 from avatar_core.view.scene import (
     Splats,
@@ -45,6 +45,7 @@ TriplaneFieldLoader = Callable[[Path], Any]
 
 FOV_DEG = 40.0
 FPS = 12.0
+TRIPLANE_GRIDS = (48, 96)  # point-cloud extraction: a coarse pass, then the fine one
 
 
 def free_port(port: int, host: str = "127.0.0.1", tries: int = 100) -> int:
@@ -82,6 +83,8 @@ class ViewerApp:
         self._clip: list[np.ndarray] = []
         self._motion_frames: list[Path] = []
         self._current: Result | None = None
+        self.points: tuple[np.ndarray, np.ndarray] | None = None  # the last triplane's extracted point cloud
+        self._triplane_job: threading.Thread | None = None
         self._stop = threading.Event()
         self.server.scene.set_up_direction("+y")
         self.server.initial_camera.fov = math.radians(FOV_DEG)
@@ -177,7 +180,8 @@ class ViewerApp:
                 self._add_splats(s)
                 lo, hi = s.bounds
             elif res.kind == "triplane" and self.triplane_field is not None and res.triplane is not None:
-                lo, hi = self._show_triplane(res)
+                self._triplane_job = threading.Thread(target=self._show_triplane, args=(res,), daemon=True)
+                self._triplane_job.start()
             self._setup_playback(res, lo, hi)
             if framing:
                 self._frame_camera(lo, hi)
@@ -200,14 +204,26 @@ class ViewerApp:
                 rows.append(f"{key}: {res.settings[key]}")
         return "\n\n".join(rows)
 
-    def _show_triplane(self, res: Result) -> tuple[np.ndarray, np.ndarray]:
-        field = self.triplane_field(res.triplane)
-        pts, rgb, cell = density_points(field, field.aabb, resolution=96)
-        if len(pts) == 0:
-            self.info.content += "\n\nthe decoded density is empty everywhere (no point above 50% opacity)"
-            return np.asarray(field.aabb[:3]), np.asarray(field.aabb[3:])
-        self.server.scene.add_point_cloud("/points", pts, srgb_to_linear(rgb), point_size=cell * 1.5, point_shape="circle")
-        return pts.min(0), pts.max(0)
+    def _show_triplane(self, res: Result) -> None:
+        """Decode the triplane's density into a point cloud in the background, coarse first (48^3, then 96^3
+        cells), so the page stays responsive and shows something within a second or two."""
+        try:
+            field = self.triplane_field(res.triplane)
+            for resolution in TRIPLANE_GRIDS:
+                pts, rgb, cell = density_points(field, field.aabb, resolution=resolution)
+                with self._lock:
+                    if self._current is not res:
+                        return
+                    if len(pts) == 0:
+                        self.info.content += "\n\nthe decoded density is empty (no cell above 50% opacity)"
+                        return
+                    self.points = (pts, rgb)
+                    self.server.scene.add_point_cloud("/points", pts, srgb_to_linear(rgb), point_size=cell * 1.5,
+                                                      point_shape="circle")
+                    if resolution == TRIPLANE_GRIDS[0]:
+                        self._frame_camera(pts.min(0), pts.max(0))
+        except AvatarError as err:  # e.g. the run's decoder is missing: say so, keep serving the views
+            self.info.content += f"\n\ncannot decode this triplane: {err}"
 
     def _frame_camera(self, lo: np.ndarray, hi: np.ndarray) -> None:
         pos, look = front_camera(np.asarray(lo, np.float32), np.asarray(hi, np.float32), FOV_DEG)
