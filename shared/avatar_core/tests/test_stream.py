@@ -284,3 +284,22 @@ def test_custom_order_and_per_epoch_transform_agree_across_workers(tmp_path):
     with pytest.raises(InputError, match="permutation"):
         list(StreamLoader(StreamDataset(folder.ids(), [RecordField(folder)]), BATCH, SEED,
                           order=lambda n, s, e: [0] * n)(0))
+
+
+def test_standin_chosen_by_another_key_folders_and_custom_checks(tmp_path):
+    minilm = StandIn("minilm_text", "CLIP", "MiniLM")
+    clip = Requirement("CLIP text encoder", "text.path", "", kind="clip_text_encoder")
+    with pytest.raises(MissingWeightsError, match="does not list 'minilm_text'"):
+        resolve([Component(clip, minilm, use_standin=True)], allowed=[])
+    assert resolve([Component(clip, minilm, use_standin=True)], allowed=["minilm_text"]).names() == ["minilm_text"]
+    with pytest.raises(MissingWeightsError, match="text.path"):  # the paper's encoder chosen: its files are needed
+        resolve([Component(clip, minilm, use_standin=False)], allowed=["minilm_text"])
+    feats = Requirement("IDOL features", "teacher.features_dir", str(tmp_path / "idol"), directory=True)
+    with pytest.raises(MissingWeightsError, match="not a folder holding files"):
+        resolve([Component(feats)], allowed=[])
+    (tmp_path / "idol").mkdir()
+    (tmp_path / "idol" / "000000.safetensors").write_bytes(b"x")
+    body = Requirement("SMPL-X", "body.model_dir", str(tmp_path), check=lambda p: "no SMPLX_NEUTRAL.npz")
+    with pytest.raises(MissingWeightsError, match="no SMPLX_NEUTRAL.npz") as err:
+        resolve([Component(feats), Component(body)], allowed=[])
+    assert "IDOL" not in str(err.value)

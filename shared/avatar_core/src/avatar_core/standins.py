@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,8 +35,9 @@ _LOGGED: set[tuple[str, ...]] = set()
 class Requirement:
     """The paper's network: what it is, the config key that points at it and what must be there.
 
-    ``kind``: a pretrained-registry kind (a model folder, checked by :func:`find_model_dir`); else ``files``: names
-    inside the configured folder (empty: the configured path is itself the one file).
+    ``kind``: a pretrained-registry kind (a model folder, checked by :func:`find_model_dir`); else ``check``: a
+    function of the path giving a problem sentence or None; else ``directory``: a non-empty folder; else ``files``:
+    names inside the configured folder (empty: the configured path is itself the one file).
     """
 
     what: str
@@ -45,10 +46,14 @@ class Requirement:
     kind: str | None = None
     files: tuple[str, ...] = ()
     source: str = ""  # where the files come from (download hint)
+    directory: bool = False
+    check: Callable[[str | os.PathLike], str | None] | None = None
 
     def needed(self) -> str:
         if self.kind is not None:
             return " + ".join(g[0] for g in expected_files(self.kind))
+        if self.directory:
+            return "a folder of files"
         return " + ".join(self.files) if self.files else "one file"
 
     def problem(self) -> str | None:
@@ -62,7 +67,14 @@ class Requirement:
                 return None
             except MissingWeightsError as e:
                 return f"{self.what} (`{self.config_key}`): {e.message}"
+        if self.check is not None:
+            problem = self.check(self.path)
+            return f"{self.what} (`{self.config_key}`={os.fspath(self.path)}): {problem}" if problem else None
         root = expand_path(self.path)
+        if self.directory:
+            if not root.is_dir() or not any(root.iterdir()):
+                return f"{self.what} (`{self.config_key}`): {root} is not a folder holding files"
+            return None
         targets = [root / f for f in self.files] if self.files else [root]
         missing = [str(t) for t in targets if not t.is_file()]
         if missing:
@@ -81,8 +93,12 @@ class StandIn:
 
 @dataclass(frozen=True)
 class Component:
+    """A part a method needs: the paper's network and the stand-in that can replace it. ``use_standin``: the config
+    chose between the two by another key (e.g. ``text.encoder: minilm``); None: an empty path chooses the stand-in."""
+
     requirement: Requirement
     standin: StandIn | None = None
+    use_standin: bool | None = None
 
 
 @dataclass
@@ -138,8 +154,14 @@ def resolve(components: Sequence[Component], allowed: Sequence[str], config_key:
     record, problems = StandInRecord(), []
     for c in components:
         r = c.requirement
-        if not r.path and c.standin is not None and c.standin.name in allowed:
+        wants = c.use_standin if c.use_standin is not None else not r.path
+        if wants and c.standin is not None and c.standin.name in allowed:
             record.used.append(c.standin)
+            continue
+        if c.use_standin:
+            problems.append(f"the config chooses {c.standin.description} instead of {c.standin.replaces}, but "
+                            f"`{config_key}` does not list {c.standin.name!r} (add it, or configure the paper's "
+                            f"network: {r.what}, `{r.config_key}`)")
             continue
         problem = r.problem()
         if problem is None:
