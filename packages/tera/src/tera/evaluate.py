@@ -118,11 +118,14 @@ CLIP_NOT_COMPUTED = "CLIP score: not computed (set evaluate.clip_path to a local
 
 
 def clip_preprocess(images: Tensor, size: int) -> Tensor:  # [V, H, W, 3] in [0, 1] -> [V, 3, size, size]
-    """CLIP's input: shorter side resized to ``size`` (bicubic), centre crop, mean/std normalisation."""
+    """CLIP's input: shorter side resized to ``size`` (bicubic), centre crop, mean/std normalisation.
+
+    The sizes follow transformers' ``CLIPImageProcessor`` (the longer side becomes ``int(size * long / short)``),
+    so a crop covers the same pixels as the processor's."""
     x = images.permute(0, 3, 1, 2).float().clamp(0, 1)
     h, w = x.shape[-2:]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    long = int(size * max(h, w) / min(h, w))
+    nh, nw = (size, long) if h <= w else (long, size)
     # Antialiasing matters when the renders are larger than CLIP's input: plain bicubic would alias thin edges.
     x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2
