@@ -99,7 +99,7 @@ def wave_motion(body, frames: int) -> torch.Tensor:
     return pose
 
 
-def kernel_demo(out: Path, resolution: int, size: int, frames: int) -> dict[str, str]:
+def kernel_demo(out: Path, resolution: int, size: int, frames: int, convention: str = "opengl") -> dict[str, str]:
     av = body_avatar(resolution)
     body = av["body"]
     target = (0.0, 0.0, 0.0)
@@ -108,7 +108,8 @@ def kernel_demo(out: Path, resolution: int, size: int, frames: int) -> dict[str,
                       target=target, path=out / "body_turntable.mp4", fps=12)
     views = render(orbit_cameras(4, 3.2, 5.0, 35, size, size, target))
     save_image(out / "body_views.png", image_grid(list(views), nrow=4))
-    ply = save_ply(out / "body_avatar.ply", av["means"], av["quats"], av["scales"], av["opacities"], colors=av["colors"])
+    ply = save_ply(out / "body_avatar.ply", av["means"], av["quats"], av["scales"], av["opacities"], colors=av["colors"],
+                   convention=convention)
 
     motion = wave_motion(body, frames)
     posed = body(pose=motion).vertices  # [T, V, 3]
@@ -147,6 +148,8 @@ def main() -> int:
     parser.add_argument("--uv-res", type=int, default=256, help="kernel part: one Gaussian per valid UV texel")
     parser.add_argument("--size", type=int, default=256, help="kernel part: rendered image size in pixels")
     parser.add_argument("--frames", type=int, default=24, help="kernel part: turntable and animation frames")
+    parser.add_argument("--convention", choices=("opengl", "opencv"), default="opengl",
+                        help="kernel part: the PLY's world (opengl: +y up, facing +z; opencv: -y up, facing -z)")
     parser.add_argument("--parts", default=",".join(("kernel",) + PACKAGES),
                         help="comma-separated parts to run (kernel and package names; default: all)")
     parser.add_argument("--smallest", action="store_true",
@@ -169,7 +172,7 @@ def main() -> int:
 
     if "kernel" in parts:
         t = time.time()
-        summary["kernel"] = kernel_demo(args.out, args.uv_res, args.size, args.frames)
+        summary["kernel"] = kernel_demo(args.out, args.uv_res, args.size, args.frames, args.convention)
         summary["kernel"]["seconds"] = f"{time.time() - t:.1f}"
         print(f"\nkernel: UV Gaussian avatar, turntable, PLY and animation in {time.time() - t:.1f} s")
     for name in PACKAGES:

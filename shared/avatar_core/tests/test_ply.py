@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from avatar_core.errors import CorruptFileError, InputError
-from avatar_core.io.ply import SH_C0, load_ply, read_ply_header, save_ply
+from avatar_core.io.ply import SH_C0, convert_ply, load_ply, read_ply_header, save_ply
 
 # The header the reference 3DGS code writes for SH degree 1 (3 * 3 f_rest properties), spelled out by hand.
 EXPECTED_NAMES_DEG1 = [
@@ -170,3 +170,25 @@ def test_mesh_ply_names_the_missing_fields(tmp_path):
                      b"property float z\nend_header\n" + np.zeros(3, "<f4").tobytes())
     with pytest.raises(CorruptFileError, match="f_dc_0, f_dc_1, f_dc_2, opacity, scale_0"):
         load_ply(path)
+
+
+def test_convert_ply_to_opencv_and_back_is_exact(tmp_path):
+    gs = _gaussians(20, 9, seed=7)
+    src = save_ply(tmp_path / "in" / "avatar.ply", gs["means"], gs["quats"], gs["scales"], gs["opacities"],
+                   sh=gs["sh"], activated=False)
+    (tmp_path / "in" / "mesh.ply").write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 0\n"
+                                               b"property float x\nend_header\n")
+    [cv] = convert_ply(tmp_path / "in", tmp_path / "cv", "opencv")  # the mesh is left out
+    assert cv == tmp_path / "cv" / "avatar.ply"
+    assert read_ply_header(cv).comment_value("convention").startswith("opencv")
+    assert torch.equal(load_ply(cv, as_stored=True).means, gs["means"] * torch.tensor([1.0, -1.0, -1.0]))
+    [gl] = convert_ply(cv, tmp_path / "gl.ply", "opengl")
+    a, b = load_ply(src), load_ply(gl)
+    for f in ("means", "quats", "log_scales", "opacity_logits", "sh", "normals"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    with pytest.raises(InputError, match="exists"):
+        convert_ply(cv, tmp_path / "gl.ply", "opengl")
+    with pytest.raises(InputError, match="exists"):
+        convert_ply(cv, cv, "opengl", overwrite=True)
+    with pytest.raises(CorruptFileError, match="lacks"):
+        convert_ply(tmp_path / "in" / "mesh.ply", tmp_path / "m.ply")

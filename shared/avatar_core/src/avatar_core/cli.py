@@ -183,6 +183,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from avatar_core.view import add_view_command
 
     add_view_command(sub)
+    conv = sub.add_parser("convert-ply", help="re-export 3DGS PLY files in another world convention (opencv: -y up, "
+                          "facing -z, for viewers built around COLMAP scenes; opengl: +y up, facing +z, the default)")
+    conv.add_argument("src", help="a 3DGS .ply, or a folder: every 3DGS .ply in it")
+    conv.add_argument("--out", required=True, help="destination file (or folder when SRC is a folder)")
+    conv.add_argument("--convention", choices=("opencv", "opengl"), default="opencv")
+    conv.add_argument("--overwrite", action="store_true", help="replace existing destination files")
+
+    def _convert(args: argparse.Namespace) -> int:
+        from avatar_core.io.ply import convert_ply
+
+        for path in convert_ply(args.src, args.out, args.convention, overwrite=args.overwrite):
+            print(f"wrote {path} ({args.convention})")
+        return 0
+
+    conv.set_defaults(func=_convert)
     return run(parser, argv)
 
 

@@ -37,7 +37,7 @@ from torch import Tensor
 from avatar_core.errors import CorruptFileError, InputError, MissingFileError
 
 __all__ = ["SH_C0", "CONVENTIONS", "REQUIRED_PROPERTIES", "rgb_to_sh", "sh_to_rgb", "PlyGaussians",
-           "ply_property_names", "PlyHeader", "read_ply_header", "to_opencv", "save_ply", "load_ply"]
+           "ply_property_names", "PlyHeader", "read_ply_header", "to_opencv", "save_ply", "load_ply", "convert_ply"]
 
 #: Degree-0 real spherical harmonic, 1 / (2 sqrt(pi)).
 SH_C0 = 0.28209479177387814
@@ -344,3 +344,32 @@ def load_ply(path: str | os.PathLike, as_stored: bool = False) -> PlyGaussians:
         log_scales=log_scales,
         opacity_logits=logits,
     )
+
+
+def convert_ply(src: str | os.PathLike, dst: str | os.PathLike, convention: str = "opencv",
+                overwrite: bool = False) -> list[Path]:
+    """Re-export 3DGS PLY files in ``convention`` (``avatar-core convert-ply``): one file, or every splat PLY of a
+    folder into the folder ``dst``. Values are carried over exactly (log-scales, logits, all SH bands, normals)."""
+    src, dst = Path(src), Path(dst)
+    if convention not in CONVENTIONS:
+        raise InputError(f"unknown convention {convention!r}", f"use one of: {', '.join(CONVENTIONS)}")
+    if src.is_dir():
+        pairs = [(p, dst / p.name) for p in sorted(src.glob("*.ply")) if not read_ply_header(p).missing]
+        if not pairs:
+            raise MissingFileError(f"no 3DGS PLY files in {src}", "pass a .ply file or a folder that holds some")
+    else:
+        pairs = [(src, dst)]
+    heads = [read_ply_header(s) for s, _ in pairs]  # every input checked before anything is written
+    bad = [f"{s}: lacks {', '.join(h.missing)}" for (s, _), h in zip(pairs, heads) if h.missing]
+    if bad:
+        raise CorruptFileError(f"not a 3DGS file: {bad[0]}", "convert Gaussian splat PLYs (the 3DGS layout)")
+    clash = [d for s, d in pairs if d.exists() and (not overwrite or d.resolve() == s.resolve())]
+    if clash:
+        raise InputError(f"{clash[0]} exists", "pass another destination, or --overwrite to replace it "
+                         "(a file is never converted onto itself)")
+    out = []
+    for s, d in pairs:
+        g = load_ply(s)
+        out.append(save_ply(d, g.means, g.quats, g.log_scales, g.opacity_logits, sh=g.sh, normals=g.normals,
+                            activated=False, convention=convention))
+    return out
