@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scipy.linalg import polar
@@ -16,6 +18,7 @@ def _rotvecs(n=64, seed=0):
     aa = aa / aa.norm(dim=-1, keepdim=True) * torch.rand(n, 1, generator=g, dtype=torch.float64) * 3.1
     aa[0] = 0.0  # the identity
     aa[1] = torch.tensor([1e-5, -2e-5, 0.0])  # near it
+    aa[2] = torch.tensor([math.pi - 1e-3, 0.0, 0.0])  # near pi, where w ~ 0
     return aa
 
 

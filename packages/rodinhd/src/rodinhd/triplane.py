@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from avatar_core.errors import CorruptFileError, InputError, MissingFileError
@@ -29,10 +30,7 @@ def rollout(
     if planes.ndim < 4 or planes.shape[-4] != 3:
         raise InputError(f"triplane must be [..., 3, C, H, W], got {tuple(planes.shape)}",
                          "stack the xy, xz, yz planes on the fourth-to-last dimension")
-    lead = planes.shape[:-4]
-    C, H, W = planes.shape[-3:]
-    x = planes.movedim(-4, -2)  # [..., C, H, 3, W]
-    return x.reshape(*lead, C, H, 3 * W)
+    return rearrange(planes, "... p c h w -> ... c h (p w)")
 
 
 def unroll(
@@ -42,10 +40,7 @@ def unroll(
     if rolled.ndim < 3 or rolled.shape[-1] % 3 != 0:
         raise InputError(f"rolled-out triplane must be [..., C, H, 3W], got {tuple(rolled.shape)}",
                          "the last dimension must hold three planes side by side")
-    lead = rolled.shape[:-3]
-    C, H, W3 = rolled.shape[-3:]
-    x = rolled.reshape(*lead, C, H, 3, W3 // 3)
-    return x.movedim(-2, -4).contiguous()
+    return rearrange(rolled, "... c h (p w) -> ... p c h w", p=3).contiguous()
 
 
 def as_planes(

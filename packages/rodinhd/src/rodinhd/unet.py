@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatar_core.errors import InputError
+from rodinhd.triplane import rollout as planes_to_rollout  # [B, 3, C, H, W] -> [B, C, H, 3W]
+from rodinhd.triplane import unroll as rollout_to_planes  # [B, C, H, 3W] -> [B, 3, C, H, W]
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:  # [B, dim]
@@ -47,21 +49,6 @@ def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups where the width allows (ADM), fewer for the tiny CPU configs."""
     groups = math.gcd(32, channels)
     return nn.GroupNorm(groups, channels)
-
-
-def rollout_to_planes(x: Tensor) -> Tensor:  # [B, C, H, 3W] -> [B, 3, C, H, W]
-    """Split a roll-out into its three planes."""
-    B, C, H, W3 = x.shape
-    if W3 % 3:
-        raise InputError(f"a rolled-out triplane needs a width divisible by 3, got {W3}",
-                         "roll the planes out side by side to [B, C, H, 3W]")
-    return x.reshape(B, C, H, 3, W3 // 3).permute(0, 3, 1, 2, 4)
-
-
-def planes_to_rollout(p: Tensor) -> Tensor:  # [B, 3, C, H, W] -> [B, C, H, 3W]
-    """Put three planes side by side."""
-    B, _, C, H, W = p.shape
-    return p.permute(0, 2, 3, 1, 4).reshape(B, C, H, 3 * W)
 
 
 class PlaneConv2d(nn.Module):

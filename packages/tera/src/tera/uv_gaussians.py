@@ -1,7 +1,7 @@
 """UV-structured Gaussians: attribute maps in the body's UV space -> 3D Gaussians on the body (TeRA / IDOL).
 
 TeRA represents an avatar as Gaussians anchored on the body surface whose attributes live in multi-channel
-maps in the body's UV space, following IDOL's parameterisation (REFERENCE_NOTES, "TeRA"). The 13 channels of
+maps in the body's UV space, following IDOL's parameterisation (yiyuzhuang/IDOL, commit 69b6df7). The 13 channels of
 an *attribute map* hold already-activated values, in this order (:data:`ATTRIBUTE_SLICES`):
 
 ====================  ========  ==========================================================================
@@ -34,6 +34,13 @@ from avatar_core.body import BodyModel, UVMapper
 from avatar_core.cameras import Cameras
 from avatar_core.errors import InputError
 from avatar_core.render.gaussians import rasterize_gaussians
+from avatar_core.rotations import (  # wxyz quaternions; re-exported for TeRA's callers
+    axis_angle_to_quaternion,
+    matrix_to_quaternion,
+    quaternion_multiply,
+    quaternion_to_axis_angle,
+    quaternion_to_matrix,
+)
 
 #: Channel ranges of the 13-channel attribute map (IDOL's parameterisation).
 ATTRIBUTE_SLICES: dict[str, slice] = {
@@ -44,73 +51,6 @@ ATTRIBUTE_SLICES: dict[str, slice] = {
     "opacity": slice(12, 13),
 }
 NUM_ATTRIBUTES = 13
-
-
-# --------------------------------------------------------------------------------------------------
-# Rotations (quaternions are wxyz, see avatar_core.conventions)
-# --------------------------------------------------------------------------------------------------
-
-
-def axis_angle_to_quaternion(axis_angle: Tensor) -> Tensor:  # [..., 3] -> [..., 4] wxyz
-    """Unit quaternion of an axis-angle vector; sin(x/2)/x by its Taylor series near zero for finite gradients."""
-    theta2 = (axis_angle * axis_angle).sum(-1, keepdim=True)
-    theta = theta2.clamp_min(1e-12).sqrt()
-    small = theta2 < 1e-8
-    half_sinc = torch.where(small, 0.5 - theta2 / 48.0, torch.sin(0.5 * theta) / theta)
-    w = torch.where(small, 1.0 - theta2 / 8.0, torch.cos(0.5 * theta))
-    return torch.cat([w, axis_angle * half_sinc], -1)
-
-
-def quaternion_to_axis_angle(quats: Tensor) -> Tensor:  # [..., 4] wxyz -> [..., 3]
-    """Axis-angle of a (not necessarily unit) quaternion, angle in [0, pi]."""
-    q = F.normalize(quats, dim=-1)
-    q = torch.where(q[..., :1] < 0, -q, q)  # the same rotation with w >= 0: angle <= pi
-    xyz = q[..., 1:]
-    s = xyz.norm(dim=-1, keepdim=True)
-    angle = 2.0 * torch.atan2(s, q[..., :1])
-    scale = torch.where(s < 1e-6, 2.0 / q[..., :1].clamp_min(1e-6), angle / s.clamp_min(1e-12))
-    return xyz * scale
-
-
-def quaternion_multiply(a: Tensor, b: Tensor) -> Tensor:  # [..., 4] x [..., 4] -> [..., 4]
-    """Hamilton product ``a * b`` (rotation b first, then a)."""
-    aw, ax, ay, az = a.unbind(-1)
-    bw, bx, by, bz = b.unbind(-1)
-    return torch.stack([
-        aw * bw - ax * bx - ay * by - az * bz,
-        aw * bx + ax * bw + ay * bz - az * by,
-        aw * by - ax * bz + ay * bw + az * bx,
-        aw * bz + ax * by - ay * bx + az * bw,
-    ], -1)
-
-
-def matrix_to_quaternion(matrix: Tensor) -> Tensor:  # [..., 3, 3] -> [..., 4] wxyz, w >= 0
-    """Unit quaternion of a rotation matrix (Shepperd's method: the largest of the four candidates)."""
-    m = matrix
-    m00, m11, m22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
-    # 4 q_k^2 for k = w, x, y, z; each row below is 4 q_k q and is accurate where q_k is large.
-    sq = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1)
-    root = sq.clamp_min(1e-12).sqrt()  # 2 |q_k|
-    cand = torch.stack([
-        torch.stack([sq[..., 0], m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1),
-        torch.stack([m[..., 2, 1] - m[..., 1, 2], sq[..., 1], m[..., 1, 0] + m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0]], -1),
-        torch.stack([m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] + m[..., 0, 1], sq[..., 2], m[..., 2, 1] + m[..., 1, 2]], -1),
-        torch.stack([m[..., 1, 0] - m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 2, 1] + m[..., 1, 2], sq[..., 3]], -1),
-    ], -2) / (2.0 * root[..., None])  # [..., 4 candidates, 4]
-    best = sq.argmax(-1)
-    q = torch.gather(cand, -2, best[..., None, None].expand(*best.shape, 1, 4))[..., 0, :]
-    q = F.normalize(q, dim=-1)
-    return torch.where(q[..., :1] < 0, -q, q)
-
-
-def quaternion_to_matrix(quats: Tensor) -> Tensor:  # [..., 4] wxyz -> [..., 3, 3]
-    """Rotation matrix of a (not necessarily unit) quaternion."""
-    w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], -1).unflatten(-1, (3, 3))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,7 +191,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class UVDecoder(nn.Module):
-    """IDOL's UV decoder: UV features ``[B, 32, R, R]`` -> attribute maps ``[B, 13, R, R]`` (REFERENCE_NOTES).
+    """IDOL's UV decoder: UV features ``[B, 32, R, R]`` -> attribute maps ``[B, 13, R, R]`` (yiyuzhuang/IDOL, 69b6df7).
 
     The channels split into geometry (first ``geometry_channels``) and texture (the rest). Geometry:
     conv3x3 -> ``geometry_hidden`` + BatchNorm + SiLU, then a 1x1 offset head whose weights start at

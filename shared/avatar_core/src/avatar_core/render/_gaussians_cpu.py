@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from avatar_core.rotations import quaternion_to_matrix
+
 log = logging.getLogger(__name__)
 
 ALPHA_MIN = 1.0 / 255.0
@@ -40,17 +42,6 @@ _kernel_tried = False
 # ----------------------------------------------------------------------------------------------
 # Projection
 # ----------------------------------------------------------------------------------------------
-
-
-def quats_to_rotmats(quats: Tensor) -> Tensor:  # [..., 4] wxyz -> [..., 3, 3]
-    """Rotation matrices of (not necessarily unit) wxyz quaternions."""
-    w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
-    rows = (
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    )
-    return torch.stack(rows, dim=-1).unflatten(-1, (3, 3))
 
 
 def project_gaussians(
@@ -76,7 +67,7 @@ def project_gaussians(
     t_c = viewmats[:, :3, 3]  # [C, 3]
     # Covariance R S S^T R^T is carried as its factor M = R S, so the camera-space and screen-space
     # covariances are Gram matrices of (J R_c M) and never need a full 3x3 product chain.
-    M = quats_to_rotmats(quats) * scales[:, None, :]  # [N, 3, 3]
+    M = quaternion_to_matrix(quats) * scales[:, None, :]  # [N, 3, 3]
     means_c = torch.einsum("cij,nj->cni", rot_c, means) + t_c[:, None, :]  # [C, N, 3]
     W = torch.einsum("cij,njk->cnik", rot_c, M)  # [C, N, 3, 3]
     x, y, z = means_c.unbind(-1)  # [C, N]
