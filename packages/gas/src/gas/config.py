@@ -48,6 +48,9 @@ class NeRFTrainConfig:
     mask_weight: float = 10.0
     ssim_weight: float = 1.0
     perceptual_weight: float = 1.0
+    perceptual_weights: str = ""
+    """Local torchvision VGG-16 state dict for LPIPS (:mod:`avatar_core.perceptual`); empty: the kernel's named
+    random-feature stand-in (recorded in the run's settings)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=60, checkpoint_every=1000, log_every=10))
 
 

@@ -48,14 +48,13 @@ def build_nerf(cfg: Any, body=None) -> HumanNeRF:
 
 
 def perceptual_loss_fn(cfg: Any):
-    """The kernel's perceptual module (LPIPS from local weights, or its named stand-in), or None at weight 0."""
+    """SHERF's LPIPS term: the kernel's perceptual module (LPIPS from local VGG-16 weights, else its named
+    random-feature stand-in, logged); None at weight 0."""
     if cfg.nerf_train.perceptual_weight <= 0:
         return None
-    try:
-        from avatar_core.perceptual import perceptual_loss  # noqa: F401
-    except ImportError:
-        return None
-    return perceptual_loss
+    from avatar_core.perceptual import PerceptualLoss
+
+    return PerceptualLoss(cfg.nerf_train.perceptual_weights or None)
 
 
 def nerf_losses(model: HumanNeRF, clip, bodies, frames: torch.Tensor, cfg: Any,
@@ -76,7 +75,7 @@ def nerf_losses(model: HumanNeRF, clip, bodies, frames: torch.Tensor, cfg: Any,
     loss = t.mse_weight * mse + t.mask_weight * mask + t.ssim_weight * (1 - s)
     metrics = {"mse": mse.detach(), "mask": mask.detach(), "ssim": s.detach()}
     if perceptual is not None:
-        p = perceptual(rgb, t_rgb).mean()
+        p = perceptual(rgb.clamp(0, 1), t_rgb).mean()
         loss = loss + t.perceptual_weight * p
         metrics["perceptual"] = p.detach()
     return loss, metrics
