@@ -39,5 +39,5 @@ def reconstruct(params: nn.ParameterDict, cams: Cameras, targets: Tensor, cfg, p
             opt.step()
             opt.zero_grad(set_to_none=True)
         if log is not None:
-            log.append({"step": step, "l1": float(l1), "lpips": float(lp), "gaussians": int(params["means"].shape[0])})
+            log.append({"step": step, "l1": float(l1.detach()), "lpips": float(lp.detach()), "gaussians": int(params["means"].shape[0])})
     return params
