@@ -12,7 +12,7 @@ CONFIG ?= tiny
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test demo bench lint train-rodinhd train-tera clean
+.PHONY: setup test demo bench lint train-rodinhd train-tera train-gaussianip clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,12 @@ train-tera: setup
 	$(BIN)/tera distill --config packages/tera/configs/$(CONFIG).yaml
 	$(BIN)/tera train --config packages/tera/configs/$(CONFIG).yaml
 	$(BIN)/tera generate --config packages/tera/configs/$(CONFIG).yaml "a woman in a red dress"
+
+# GaussianIP: train the embedded prior on synthetic avatars, then generate from a held-out face and a prompt
+# (CONFIG=paper for the paper's settings with pretrained weights from local folders; the prompt and face as you like).
+train-gaussianip: setup
+	$(BIN)/gaussianip train-prior --config $(CONFIG) --overwrite
+	$(BIN)/gaussianip generate --config $(CONFIG) --prompt "a woman in a red dress" --out outputs/gaussianip/$(CONFIG)-result --overwrite
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
