@@ -74,7 +74,10 @@ def _sample(args):
 
     if args.portrait is None and not args.unconditional:
         raise InputError("sample needs a portrait", "pass --portrait IMG, or --unconditional to generate without one")
-    r = sample(_cfg(args), args.out, args.portrait, name=args.name, dest=args.dest)
+    if args.portrait is not None and args.unconditional:
+        raise InputError("--portrait and --unconditional contradict each other",
+                         "pass --portrait IMG to condition on it, or --unconditional alone to generate without one")
+    r = sample(_cfg(args), args.out, args.portrait, name=args.name, dest=args.dest, overwrite=args.overwrite)
     print(f"sampled in {r['base_seconds'] + r['upsample_seconds']:.1f} s (base + upsample)")
     _print(r)
 
@@ -82,7 +85,7 @@ def _sample(args):
 def _render(args):
     from rodinhd.pipeline import render_file
 
-    _print(render_file(_cfg(args), args.out, args.triplane, dest=args.dest))
+    _print(render_file(_cfg(args), args.out, args.triplane, dest=args.dest, overwrite=args.overwrite))
 
 
 def _evaluate(args):
@@ -138,19 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
                         ("upsample", "the upsample diffusion model (low-res -> high-res triplane)")):
         p = sub.add_parser(f"train-{which}", help=f"train {text}; resumes an existing run")
         _common(p)
-        p.add_argument("--restart", action="store_true", help="start from scratch even if checkpoints exist")
+        p.add_argument("--restart", action="store_true", help="start a new run; the old one is moved to "
+                       "<out>/<stage>.old-<time> (default: resume, under the same settings only)")
         p.set_defaults(func=_train(which))
     p = sub.add_parser("sample", help="portrait -> triplane -> 360-degree views, turntable, settings JSON")
     _common(p)
     p.add_argument("--portrait", default=None, help="RGBA portrait image (square, transparent background)")
     p.add_argument("--unconditional", action="store_true", help="generate without a portrait")
-    p.add_argument("--name", default=None, help="output sub-folder under <out>/samples")
+    p.add_argument("--name", default=None, help="output sub-folder under <out>/samples (default: unique per "
+                   "portrait, seed and sampling settings)")
     p.add_argument("--dest", default=None, help="output folder (overrides --name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing sample there (its old files are "
+                   "deleted first)")
     p.set_defaults(func=_sample)
     p = sub.add_parser("render", help="render a triplane file to views and a turntable with the run's decoder")
     p.add_argument("triplane", help="a triplane .safetensors file (from sample or fit)")
     _common(p)
-    p.add_argument("--dest", default=None, help="output folder (default: beside the file)")
+    p.add_argument("--dest", default=None, help="output folder (default: <folder>_<file>_render beside the file's "
+                   "folder, which is never written)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing render there (its old files are "
+                   "deleted first)")
     p.set_defaults(func=_render)
     p = sub.add_parser("evaluate", help="PSNR/SSIM(/LPIPS) of fitting and generation, 3D-consistency refit")
     _common(p)

@@ -109,7 +109,8 @@ def load_portrait(path: str | os.PathLike) -> Tensor:  # [H, W, 4] float in [0, 
     """Read a portrait file and check it is what the conditioning expects: a square RGBA image.
 
     Raises MissingFileError (no file), CorruptFileError (not an image) or InputError (no alpha, not square,
-    too small); the portrait is resized to the model's ``portrait_size`` later.
+    too small, fully transparent: nothing to condition on); the portrait is resized to the model's
+    ``portrait_size`` later.
     """
     img = load_image(path)  # MissingFileError / CorruptFileError with a hint
     if img.shape[-1] != 4:
@@ -123,6 +124,9 @@ def load_portrait(path: str | os.PathLike) -> Tensor:  # [H, W, 4] float in [0, 
     if h < MIN_PORTRAIT_SIZE:
         raise InputError(f"portrait {path} is only {w}x{h} pixels", f"use at least {MIN_PORTRAIT_SIZE}x"
                          f"{MIN_PORTRAIT_SIZE} (the paper uses 256x256)")
+    if not (img[..., 3] >= 1 / 255).any():  # composited on white, it would be a blank image
+        raise InputError(f"portrait {path} is fully transparent: there is no person to condition on",
+                         "pass the RGBA portrait with the person opaque (alpha > 0), or use --unconditional")
     return img
 
 

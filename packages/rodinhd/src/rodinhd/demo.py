@@ -53,7 +53,7 @@ def run(out: Path, *, smallest: bool = False) -> dict[str, Any]:
     result = train_all(cfg, out, progress=False)
     smp = result["sample"]
     first = sorted((out / "triplanes").glob("*.safetensors"))[0]
-    fitted = render_file(cfg, out, first, out / f"fitted_{first.stem}")
+    fitted = render_file(cfg, out, first, out / f"fitted_{first.stem}", overwrite=True)  # the demo's own render
     return {"turntable": smp.get("turntable"), "views": smp.get("grid"), "triplane": smp["triplane"],
             "settings": smp["settings"], "fitted_views": fitted.get("grid"), "seconds": round(time.perf_counter() - t0, 1),
             "stages": result["seconds"], "out": str(out),

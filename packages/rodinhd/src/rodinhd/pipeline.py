@@ -29,11 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from avatar_core.cameras import Cameras
-from avatar_core.config import config_to_dict, save_config, to_settings
+from avatar_core.config import save_config, to_settings
 from avatar_core.env import resolve_device
 from avatar_core.errors import ConfigError
 from avatar_core.io import save_json
-from avatar_core.train import TrainConfig, Trainer, latest_checkpoint
+from avatar_core.train import TrainConfig, Trainer, config_signature, latest_checkpoint, run_lock, seeded
 from rodinhd.cascade import VGGPerceptual
 from rodinhd.config import DiffusionTrainConfig, RodinHDConfig
 from rodinhd.data import open_data, prepare_data
@@ -91,16 +91,26 @@ def _optimizer(loop: DiffusionTrainConfig) -> Callable:
     return lambda params: cls([p for p in params if p.requires_grad], lr=loop.lr, weight_decay=loop.weight_decay)
 
 
+#: Settings no diffusion stage trains on: sampling, evaluation, the ablation, how data items are read (not which).
+_MAY_CHANGE = ("name", "sample", "evaluate", "ablation", "data.num_workers", "data.view_cache")
+#: Per stage, the other settings it does not read (the upsample model reads the base model's resolution only).
+_STAGE_MAY_CHANGE = {
+    "base": ("upsample", "render"),
+    "upsample": ("base.train", "base.unet", "base.context_resolutions", "base.num_steps", "base.schedule",
+                 "base.vlb_weight", "base.cond_drop_prob", "base.guidance_scale", "base.sample_steps"),
+}
+
+
 def _run_signature(cfg: RodinHDConfig, section: str) -> dict:
-    """The settings a resumed diffusion run must share with its checkpoint (model, data, conditioning)."""
-    sec = config_to_dict(getattr(cfg, section))
-    for k in _RESUMABLE:
-        sec["train"].pop(k, None)
-    data = config_to_dict(cfg.data)
-    for k in ("num_workers", "view_cache"):  # how items are read, not which: free to change on resume
-        data.pop(k, None)
-    return {section: sec, "triplane": config_to_dict(cfg.triplane), "decoder": config_to_dict(cfg.decoder),
-            "conditioning": config_to_dict(cfg.conditioning), "data": data, "standins": list(cfg.standins)}
+    """The settings a resumed diffusion run must share with its checkpoint: the whole config (fitting, data,
+    conditioning, this stage's model and optimiser) minus an explicit allow-list."""
+    allow = _MAY_CHANGE + _STAGE_MAY_CHANGE[section] + tuple(f"{section}.train.{k}" for k in _RESUMABLE)
+    return config_signature(cfg, allow=allow)
+
+
+def _stage_seed(cfg: RodinHDConfig, loop: DiffusionTrainConfig) -> int:
+    """The seed of a diffusion stage: its weights are built under it, and the Trainer draws from it."""
+    return cfg.seed if loop.seed is None else loop.seed
 
 
 def fit_shared_stage(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", progress: bool = True) -> dict:
@@ -158,7 +168,8 @@ def train_base(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", r
     n = len(cfg.base.context_resolutions)
     feats, ids = feature_cache(cfg, out, encoder, data, ids, device, progress)
     low, ids = low_res_cache(cfg, out, ids, progress)
-    model = build_base(cfg, feature_channels(encoder))
+    with seeded(_stage_seed(cfg, cfg.base.train)):  # reproducible initial weights (the Trainer seeds only later)
+        model = build_base(cfg, feature_channels(encoder))
     model.normalizer.fit(rollout(p) for p in stats_batches(cfg, out, ids, low))
     loop = cfg.base.train
     loader = training_loader(cfg, out, data, ids, low, feats, n, loop.batch_size)
@@ -176,11 +187,12 @@ def _train_stage(cfg: RodinHDConfig, out: Path, name: str, loop: DiffusionTrainC
                  resume: bool) -> dict:
     """Run one diffusion stage on the kernel's Trainer in ``out/name`` (exact resume; a changed config is refused)."""
     run_dir = out / name
-    trainer = Trainer(_loop_config(loop, run_dir, cfg.seed), model, _optimizer(loop), step, data_fn,
-                      run_config=_run_signature(cfg, name))
     t0 = time.perf_counter()
-    last = trainer.train(resume="auto" if resume else None)
-    save_config(cfg, run_dir / "config.yaml")
+    with run_lock(run_dir):  # one run per folder, held until its config is written
+        trainer = Trainer(_loop_config(loop, run_dir, cfg.seed), model, _optimizer(loop), step, data_fn,
+                          run_config=_run_signature(cfg, name), config_key=f"{name}.train")
+        last = trainer.train(resume="auto" if resume else None)  # not resume (--restart): the old run moves aside
+        save_config(cfg, run_dir / "config.yaml")
     return {"run": str(run_dir), "checkpoint": str(latest_checkpoint(run_dir)), "last": last,
             "seconds": time.perf_counter() - t0}
 
@@ -203,7 +215,8 @@ def train_upsample(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd
     render_patch = make_render_patch(decoder, cfg.triplane.bound, cfg.triplane.center, u.render_num_samples,
                                      cfg.render.background) if u.image_loss_weight > 0 else None
     perceptual = VGGPerceptual.from_local(u.vgg_path, u.lpips_path or None) if u.vgg_path else None
-    model = build_upsample(cfg, feature_channels(encoder), render_patch, perceptual)
+    with seeded(_stage_seed(cfg, u.train)):
+        model = build_upsample(cfg, feature_channels(encoder), render_patch, perceptual)
     model.normalizer.fit(rollout(p) for p in stats_batches(cfg, out, ids, None))
     loop = u.train
     loader = training_loader(cfg, out, data, ids, low, feats, n, loop.batch_size, full=True, cameras=True)
@@ -247,7 +260,8 @@ def train_all(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", pr
     timed("train_base", train_base, cfg, out, progress=progress)
     timed("train_upsample", train_upsample, cfg, out, progress=progress)
     held = data.held_out_ids[0] if data.held_out_ids else data.train_ids[-1]
-    smp = timed("sample", sample, cfg, out, data.portrait_path(held), name=f"heldout_{held}")
+    # The run's own held-out sample: a rerun of train-all replaces it (and only it: it carries its result marker).
+    smp = timed("sample", sample, cfg, out, data.portrait_path(held), name=f"heldout_{held}", overwrite=True)
     result = {"out": str(out), "config": str(out / "config.yaml"), "dataset": str(data.root),
               "decoder": s1["decoder"], "triplanes": str(out / "triplanes"), "base": str(out / "base"),
               "upsample": str(out / "upsample"), "sample": smp, "seconds": times, **standins.settings()}

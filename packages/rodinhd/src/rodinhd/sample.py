@@ -3,6 +3,11 @@ triplane to 360-degree views and a turntable; ``rodinhd sample`` and ``rodinhd r
 
 A sample folder holds ``triplane.safetensors`` (loadable by ``render``), ``triplane_lowres.safetensors``,
 ``views/``, ``views.png``, ``turntable.mp4`` and ``settings.json``.
+
+Both commands write result folders by the kernel's rule (:mod:`avatar_core.results`): a new folder, or an existing
+result replaced only with ``overwrite`` (its old views are cleared first, so fewer views leave no stale ones); the
+portrait's and the triplane's folders and the run's model folders are read-only; every argument is checked before
+a model is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from avatar_core.env import resolve_device
 from avatar_core.errors import CorruptFileError, InputError, MissingFileError
 from avatar_core.io import image_grid, load_tensors, save_image, save_json, save_tensors
 from avatar_core.render.turntable import turntable
+from avatar_core.results import check_result_dir, prepare_result_dir, result_name
 from rodinhd.conditioning import portrait_features, prepare_portrait
 from rodinhd.config import RodinHDConfig
 from rodinhd.data import load_portrait
@@ -31,6 +37,18 @@ from rodinhd.streaming import resolve_standins
 from rodinhd.triplane import TriplaneStore, unroll
 
 __all__ = ["TriplaneSampler", "load_triplane_file", "render_file", "sample"]
+
+SAMPLE_KIND, RENDER_KIND = "rodinhd.sample", "rodinhd.render"
+
+
+def _is_sample(folder: Path) -> bool:
+    """A sample or render folder written before result markers existed (it has the views of a triplane)."""
+    return (folder / "settings.json").is_file() or ((folder / "views").is_dir() and (folder / "views.png").is_file())
+
+
+def _run_inputs(out: Path) -> list[Path]:
+    """The run's folders a sample reads: never written by sample or render."""
+    return [out / "base", out / "upsample", out / "triplanes", out / "stage1"]
 
 
 class TriplaneSampler:
@@ -107,19 +125,27 @@ def _render_outputs(cfg: RodinHDConfig, planes: Tensor, decoder: TriplaneDecoder
 
 def sample(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", portrait: str | os.PathLike | None = None,
            name: str | None = None, dest: str | os.PathLike | None = None, sampler: TriplaneSampler | None = None,
-           num_views: int | None = None, frames: int | None = None) -> dict:
+           num_views: int | None = None, frames: int | None = None, overwrite: bool = False) -> dict:
     """``rodinhd sample``: portrait (or none: unconditional) -> base -> upsample -> triplane -> 360-degree renders.
 
     Writes ``triplane.safetensors`` (loadable by ``render``), ``views/``, ``views.png``, ``turntable.mp4`` and
-    ``settings.json`` to ``dest`` (default ``<out>/samples/<name>``) and returns their paths and timings.
+    ``settings.json`` to ``dest`` (default ``<out>/samples/<name>``; without a name, one unique per portrait, seed
+    and sampling settings) and returns their paths and timings. An existing ``dest`` is replaced only with
+    ``overwrite``.
     """
     out = Path(out)
     image = load_portrait(portrait) if portrait is not None else None  # validated before any model is loaded
-    gen = sampler or TriplaneSampler(cfg, out)
     s = cfg.sample
-    name = name or (Path(portrait).parent.name + "_" + Path(portrait).stem if portrait else f"uncond_{s.seed}")
+    if dest is None and not name:
+        what = Path(portrait).parent.name + "_" + Path(portrait).stem if portrait else "uncond"
+        name = result_name(what, s.seed, {"portrait": str(portrait), "base_steps": s.base_steps,
+                                          "upsample_steps": s.upsample_steps, "guidance": s.guidance_scale}, n=32)
     dest = Path(dest) if dest is not None else out / "samples" / name
-    dest.mkdir(parents=True, exist_ok=True)
+    inputs = [portrait, *_run_inputs(out)]
+    check_result_dir(dest, SAMPLE_KIND, overwrite, inputs=inputs, what="--dest" if name is None else "--name",
+                     recognise=_is_sample)
+    gen = sampler or TriplaneSampler(cfg, out)
+    prepare_result_dir(dest, SAMPLE_KIND, overwrite, inputs=inputs, recognise=_is_sample)
     planes, info = gen(image, s.seed, s.base_steps, s.upsample_steps, s.guidance_scale)
     store = TriplaneStore(dest, cfg.triplane.channels, cfg.triplane.resolution)
     tri = store.save("triplane", planes, {"stage": "sample", "portrait": str(portrait) if portrait else None})
@@ -159,14 +185,20 @@ def load_triplane_file(path: str | os.PathLike, channels: int, resolution: int) 
 
 
 def render_file(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", triplane: str | os.PathLike = "",
-                dest: str | os.PathLike | None = None) -> dict:
-    """``rodinhd render``: a triplane file -> views and a turntable with the run's decoder."""
+                dest: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+    """``rodinhd render``: a triplane file -> views and a turntable with the run's decoder.
+
+    ``dest`` defaults to a folder beside the triplane's folder (``<folder>_<file stem>_render``): the triplane's
+    own folder is an input and stays untouched. An existing ``dest`` is replaced only with ``overwrite``."""
     out = Path(out)
     planes = load_triplane_file(triplane, cfg.triplane.channels, cfg.triplane.resolution)
+    src = Path(triplane)
+    dest = Path(dest) if dest is not None else src.parent.parent / f"{src.parent.name}_{src.stem}_render"
+    inputs = [triplane, *_run_inputs(out)]
+    check_result_dir(dest, RENDER_KIND, overwrite, inputs=inputs, what="--dest", recognise=_is_sample)
     device = resolve_device(cfg.device)
     decoder = load_decoder(cfg, out, device)
-    dest = Path(dest) if dest is not None else Path(triplane).with_suffix("").parent / (Path(triplane).stem + "_render")
-    dest.mkdir(parents=True, exist_ok=True)
+    prepare_result_dir(dest, RENDER_KIND, overwrite, inputs=inputs, recognise=_is_sample)
     s = cfg.sample
     return {"dest": str(dest), **_render_outputs(cfg, planes.to(device), decoder, dest, s.num_views, s.view_res,
                                                  s.turntable_frames, s.turntable_res)}
