@@ -25,7 +25,8 @@ from torch import nn
 from avatar_core.cameras import orbit_cameras
 from avatar_core.render.occupancy import OccupancyGrid, fill_occupancy_grid
 from avatar_core.render.rays import generate_rays
-from avatar_core.render.volume import render_rays, sample_triplane
+from avatar_core.render.triplane_sampling import sample_triplane
+from avatar_core.render.volume import render_rays
 
 COLUMNS = ("case", "forward_s", "fwd_bwd_s", "peak_mem_mb", "rays_per_s", "note")
 SIZE, SAMPLES, NEAR, FAR = 128, 64, 1.0, 4.0

@@ -9,9 +9,12 @@ from nerfacc.grid import _ray_aabb_intersect
 from nerfacc.volrend import render_weight_from_density
 
 from avatar_core.cameras import orbit_cameras
+from avatar_core.render.compositing import packed_exclusive_sum, render_weights
+from avatar_core.render.estimators import RayEstimator
 from avatar_core.render.occupancy import OccupancyGrid, fill_occupancy_grid, occupancy_estimator
 from avatar_core.render.rays import generate_rays
-from avatar_core.render.volume import packed_exclusive_sum, render_rays, render_weights, sample_triplane
+from avatar_core.render.triplane_sampling import sample_triplane
+from avatar_core.render.volume import render_rays
 
 
 def test_constant_density_slab_matches_closed_form():
@@ -227,3 +230,17 @@ def test_cpu_marcher_matches_nerfacc_cuda_marcher():
     b = render_rays(field, o, d, 1.0, 4.0, num_samples=64, estimator=ref)
     torch.testing.assert_close(a.rgb, b.rgb, atol=1e-3, rtol=0)
     assert abs(a.t_starts.numel() - b.t_starts.numel()) <= 0.01 * b.t_starts.numel()
+
+
+def test_both_estimators_satisfy_the_interface():
+    """nerfacc's OccGridEstimator and the kernel's grid take every argument of RayEstimator.sampling, same defaults."""
+    import inspect
+
+    from nerfacc import OccGridEstimator
+
+    want = inspect.signature(RayEstimator.sampling).parameters
+    for est in (OccGridEstimator(roi_aabb=[-1.0, -1, -1, 1, 1, 1], resolution=8), OccupancyGrid([-1, -1, -1, 1, 1, 1], 8)):
+        assert isinstance(est, RayEstimator)
+        have = inspect.signature(type(est).sampling).parameters
+        for name, p in want.items():
+            assert name in have and have[name].default == p.default, (type(est).__name__, name)

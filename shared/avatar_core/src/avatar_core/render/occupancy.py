@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from avatar_core.errors import InputError
-from avatar_core.render.volume import render_visibility
+from avatar_core.render.compositing import render_visibility
 
 __all__ = ["OccupancyGrid", "occupancy_estimator", "fill_occupancy_grid"]
 

@@ -1,25 +1,25 @@
-"""Volume rendering of radiance fields (NeRF quadrature) and triplane feature sampling.
+"""Volume rendering of radiance fields along rays: uniform samples or an estimator's, then compositing.
 
-Compositing follows ``nerfacc.volrend``: ``alpha_i = 1 - exp(-sigma_i * dt_i)``, ``T_i = exp(-sum_{j<i} sigma_j dt_j)``,
-``w_i = T_i alpha_i``; colour, opacity and depth are weight sums (depth normalised by opacity, as nerfacc does).
-Samples come either batched (``[n_rays, n_samples]``, uniform sampling) or packed (``[n_samples]`` with sorted
-``ray_indices``, from an occupancy grid). nerfacc 0.5.3's batched path is pure PyTorch and is used on every
-device; its packed path needs its CUDA extension (``pack_info`` and the segmented scans), so packed samples on
-a CPU go through the project's own segmented scan below, which the tests compare with nerfacc's batched path.
+Samples come batched (``[n_rays, n_samples]``, uniform bins) or packed (``[S]`` with sorted ``ray_indices``)
+from any :class:`~avatar_core.render.estimators.RayEstimator` (``nerfacc.OccGridEstimator`` on CUDA, the kernel's
+:class:`~avatar_core.render.occupancy.OccupancyGrid` elsewhere); :mod:`avatar_core.render.compositing` turns them
+into colour, opacity and depth. ``sample_triplane`` (:mod:`avatar_core.render.triplane_sampling`) and the
+compositing functions are re-exported here for existing callers.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from nerfacc.volrend import accumulate_along_rays, render_weight_from_density
 from torch import Tensor
 
 from avatar_core.errors import InputError
+from avatar_core.render.compositing import composite, packed_exclusive_sum, render_visibility, render_weights
+from avatar_core.render.estimators import RayEstimator
+from avatar_core.render.triplane_sampling import TRIPLANE_AXES, sample_triplane
 
 __all__ = [
     "FieldFn",
@@ -32,78 +32,11 @@ __all__ = [
     "render_rays",
     "render_cameras",
     "sample_triplane",
+    "TRIPLANE_AXES",
 ]
 
 #: ``field_fn(points [N, 3], directions [N, 3]) -> (rgb [N, 3], sigma [N])`` (post-activation density).
 FieldFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Compositing
-# ---------------------------------------------------------------------------------------------------------------
-def _check_sorted(ray_indices: Tensor) -> None:
-    if ray_indices.numel() > 1 and bool((ray_indices[1:] < ray_indices[:-1]).any()):
-        raise InputError("packed samples must be grouped by ray (ray_indices non-decreasing)",
-                         "sort the samples by ray index, as OccupancyGrid.sampling returns them")
-
-
-def packed_exclusive_sum(
-    values: Tensor,  # [S] samples grouped by ray
-    ray_indices: Tensor,  # [S] non-decreasing
-) -> Tensor:  # [S]
-    """Per-ray exclusive prefix sum of packed samples (differentiable).
-
-    The samples are laid out as a padded ``[rays, longest ray]`` matrix and summed along each row, so a ray's
-    sum never passes through the running total of the rays before it (a single global cumulative sum minus
-    per-ray offsets loses a ray's small optical depths next to a huge one earlier in the batch).
-    """
-    if values.numel() == 0:
-        return values.clone()
-    first = torch.ones_like(ray_indices, dtype=torch.bool)
-    first[1:] = ray_indices[1:] != ray_indices[:-1]
-    pos = torch.arange(values.shape[0], device=values.device)
-    start = torch.cummax(torch.where(first, pos, torch.zeros_like(pos)), dim=0).values
-    row = torch.cumsum(first.long(), dim=0) - 1
-    col = pos - start
-    padded = values.new_zeros(int(row[-1]) + 1, int(col.max()) + 1).index_put((row, col), values)
-    return (torch.cumsum(padded, dim=1) - padded)[row, col]
-
-
-def render_weights(
-    t_starts: Tensor,  # [n_rays, n_samples] or [S]
-    t_ends: Tensor,  # same
-    sigmas: Tensor,  # same
-    ray_indices: Tensor | None = None,  # [S] when packed
-    n_rays: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Rendering weights, transmittance and alphas from densities, each shaped like ``sigmas``."""
-    if ray_indices is None:
-        return render_weight_from_density(t_starts, t_ends, sigmas)
-    if ray_indices.is_cuda:
-        return render_weight_from_density(t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=n_rays)
-    _check_sorted(ray_indices)
-    sigmas_dt = sigmas * (t_ends - t_starts)
-    alphas = 1.0 - torch.exp(-sigmas_dt)
-    trans = torch.exp(-packed_exclusive_sum(sigmas_dt, ray_indices))
-    return trans * alphas, trans, alphas
-
-
-@torch.no_grad()
-def render_visibility(
-    t_starts: Tensor,  # [S]
-    t_ends: Tensor,  # [S]
-    sigmas: Tensor,  # [S]
-    ray_indices: Tensor,  # [S]
-    n_rays: int,
-    early_stop_eps: float = 1e-4,
-    alpha_thre: float = 0.0,
-) -> Tensor:  # [S] bool
-    """Samples still visible (``T >= early_stop_eps`` and ``alpha >= alpha_thre``), as nerfacc decides it."""
-    _, trans, alphas = render_weights(t_starts, t_ends, sigmas, ray_indices, n_rays)
-    vis = trans >= early_stop_eps
-    if alpha_thre > 0:
-        vis = vis & (alphas >= alpha_thre)
-    return vis
 
 
 @dataclass
@@ -118,26 +51,6 @@ class VolumeRender:
     t_ends: Tensor  # like weights
     ray_indices: Tensor | None  # [S] for packed samples, None for batched
     num_evaluated: int  # field evaluations spent on these rays, the skipping pass included
-
-
-def composite(
-    rgbs: Tensor,  # [..., 3] like sigmas plus a channel
-    sigmas: Tensor,  # [n_rays, n_samples] or [S]
-    t_starts: Tensor,
-    t_ends: Tensor,
-    ray_indices: Tensor | None = None,
-    n_rays: int | None = None,
-    background: Tensor | None = None,  # [3] or [n_rays, 3]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Colour ``[n_rays, D]``, opacity ``[n_rays, 1]``, depth ``[n_rays, 1]`` and weights (nerfacc.rendering's rules)."""
-    weights, _, _ = render_weights(t_starts, t_ends, sigmas, ray_indices, n_rays)
-    rgb = accumulate_along_rays(weights, rgbs, ray_indices, n_rays)
-    opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
-    depth = accumulate_along_rays(weights, ((t_starts + t_ends) / 2)[..., None], ray_indices, n_rays)
-    depth = depth / opacity.clamp_min(torch.finfo(opacity.dtype).eps)
-    if background is not None:
-        rgb = rgb + background * (1.0 - opacity)
-    return rgb, opacity, depth, weights
 
 
 def uniform_samples(
@@ -175,7 +88,7 @@ def render_rays(
     near: float,
     far: float,
     num_samples: int = 64,
-    estimator=None,
+    estimator: RayEstimator | None = None,
     render_step_size: float | None = None,
     density_fn: Callable[[Tensor], Tensor] | None = None,
     stratified: bool = False,
@@ -239,10 +152,12 @@ def render_rays(
                         counter[0] + points.shape[0])
 
 
-def _accepts_generator(estimator) -> bool:
-    from avatar_core.render.occupancy import OccupancyGrid
-
-    return isinstance(estimator, OccupancyGrid)
+def _accepts_generator(estimator: RayEstimator) -> bool:
+    """Whether ``estimator.sampling`` takes a ``generator`` (the kernel's grid does, nerfacc's does not)."""
+    try:
+        return "generator" in inspect.signature(estimator.sampling).parameters
+    except (TypeError, ValueError):  # a builtin or C-level callable without a signature
+        return False
 
 
 def render_cameras(
@@ -271,46 +186,3 @@ def render_cameras(
     return rgb, alpha, depth
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Triplanes
-# ---------------------------------------------------------------------------------------------------------------
-#: Which point coordinates index each plane, as (grid_sample x -> width, grid_sample y -> height).
-TRIPLANE_AXES = ((0, 1), (0, 2), (1, 2))  # xy, xz, yz (avatar_core.conventions)
-
-
-def sample_triplane(
-    planes: Tensor,  # [B, 3, C, H, W]
-    points: Tensor,  # [B, N, 3] in [-1, 1]^3
-    reduce: Literal["none", "sum", "mean", "concat"] = "none",
-    align_corners: bool = False,
-    padding_mode: Literal["zeros", "border", "reflection"] = "border",
-) -> Tensor:  # [B, N, 3, C], or [B, N, C] (sum/mean), or [B, N, 3C] (concat)
-    """Bilinear features of three axis-aligned planes at 3D points (EG3D / RodinHD triplanes).
-
-    Plane ``xy`` is read at (u, v) = (x, y), ``xz`` at (x, z), ``yz`` at (y, z), where u runs along the plane's
-    width (W) and v along its height (H). With ``align_corners=False`` (default, as EG3D) -1 and 1 are the outer
-    edges of the border texels, so texel ``j`` has its centre at ``u = (2 j + 1) / W - 1``; with ``True`` they
-    are the centres of the border texels. Points outside the cube follow ``padding_mode``.
-    """
-    if planes.ndim != 5 or planes.shape[1] != 3:
-        raise InputError(f"planes must be [B, 3, C, H, W], got {tuple(planes.shape)}",
-                         "stack the xy, xz, yz planes on dim 1 (unroll a [B, C, H, 3W] roll-out first)")
-    if points.ndim != 3 or points.shape[-1] != 3 or points.shape[0] not in (1, planes.shape[0]):
-        raise InputError(f"points must be [B, N, 3] with B = {planes.shape[0]}, got {tuple(points.shape)}",
-                         "pass one point set per triplane")
-    B, _, C, H, W = planes.shape
-    points = points.expand(B, -1, -1).to(planes.dtype)
-    # One grid_sample call over all three planes: planes become batch items, coordinates are picked per plane.
-    coords = torch.stack([points[..., list(ax)] for ax in TRIPLANE_AXES], dim=1)  # [B, 3, N, 2]
-    feats = F.grid_sample(planes.reshape(B * 3, C, H, W), coords.reshape(B * 3, 1, -1, 2), mode="bilinear",
-                          padding_mode=padding_mode, align_corners=align_corners)  # [B*3, C, 1, N]
-    feats = feats.reshape(B, 3, C, -1).permute(0, 3, 1, 2)  # [B, N, 3, C]
-    if reduce == "none":
-        return feats
-    if reduce == "sum":
-        return feats.sum(dim=2)
-    if reduce == "mean":
-        return feats.mean(dim=2)
-    if reduce == "concat":
-        return feats.reshape(B, feats.shape[1], 3 * C)
-    raise InputError(f"unknown triplane reduction {reduce!r}", "use one of none, sum, mean, concat")
