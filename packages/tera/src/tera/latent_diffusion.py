@@ -3,8 +3,9 @@
 The paper fixes: x0-prediction, a DDPM chain of 1000 training steps sampled in 100 steps, a CLIP text encoder
 (77 x 768) whose condition is dropped 20% of the time for classifier-free guidance, and a plain MSE loss. It does
 not name the beta schedule, the UNet layout or the guidance scale; ours are the DDPM ``linear`` schedule (Ho et al.
-2020, also what E3Gen, the nearest public UV-latent diffusion, uses), the UNet in :data:`PAPER_UNET_CONFIG`
-(E3Gen-like: base 128 channels, attention at 32, 16 and 8) and guidance 3.0.
+2020, also what E3Gen, the nearest public UV-latent diffusion, uses), the UNet of ``configs/paper.yaml``
+(E3Gen-like: base 128 channels, attention at 32, 16 and 8; 182M parameters for the 32 x 256^2 latent and CLIP's
+768-wide text) and guidance 3.0.
 
 Conventions. Latents go in and come out in the units of the distillation decoder; inside, they are normalised as
 ``(z - shift) * scale`` with statistics measured on the training latents (:meth:`set_latent_stats`), as latent
@@ -41,30 +42,11 @@ from avatar_core.io import load_json, load_tensors, save_json, save_tensors
 from tera.text import TextCondition, TextConditioner, as_prompt_list
 
 __all__ = [
-    "PAPER_UNET_CONFIG",
     "TINY_UNET_CONFIG",
     "SAMPLERS",
     "StructuredLatentDiffusion",
     "build_unet",
 ]
-
-#: Paper scale: a 32 x 256 x 256 UV latent (IDOL's 32 feature channels at 256^2) and CLIP ViT-L/14 (768).
-#: TeRA does not publish its UNet; this follows E3Gen's UV-latent UNet (base 128, attention at 32/16/8).
-#: ``attention_head_dim`` is, for historical reasons in diffusers, the number of heads per attention layer.
-PAPER_UNET_CONFIG: dict = {
-    "sample_size": 256,
-    "in_channels": 32,
-    "out_channels": 32,
-    "block_out_channels": [128, 128, 256, 256, 512, 512],  # resolutions 256, 128, 64, 32, 16, 8
-    "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D",
-                         "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                       "UpBlock2D", "UpBlock2D", "UpBlock2D"],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
 
 #: CPU scale: an 8 x 16 x 16 latent, MiniLM text (384); about 1.2M parameters, ~20 ms a forward on one core.
 TINY_UNET_CONFIG: dict = {
@@ -97,7 +79,7 @@ def build_unet(config: dict) -> UNet2DConditionModel:
         return UNet2DConditionModel(**config)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot build the latent UNet from its config: {e}",
-                          "start from tera.latent_diffusion.TINY_UNET_CONFIG or PAPER_UNET_CONFIG") from e
+                          "start from tera.latent_diffusion.TINY_UNET_CONFIG or the diffusion.unet block of configs/paper.yaml") from e
 
 
 class StructuredLatentDiffusion(nn.Module):
@@ -105,7 +87,7 @@ class StructuredLatentDiffusion(nn.Module):
 
     Args:
         unet_config: UNet2DConditionModel config; its in/out channels and sample size fix the latent shape
-            (paper: :data:`PAPER_UNET_CONFIG`, 32 x 256 x 256; CPU: :data:`TINY_UNET_CONFIG`, 8 x 16 x 16).
+            (paper: ``configs/paper.yaml``, 32 x 256 x 256; CPU: :data:`TINY_UNET_CONFIG`, 8 x 16 x 16).
         text: the prompt encoder (paper: CLIP ViT-L/14, 77 x 768; default here: MiniLM, 77 x 384). It is not part
             of the saved weights; its spec is, so :meth:`load` rebuilds it.
         null_text: the null condition [1, L, D] (+ mask); taken from ``text`` when not given. Stored with the model.
