@@ -48,6 +48,15 @@ EYE_COLOURS: dict[str, tuple[float, float, float]] = {
     "green": (0.28, 0.48, 0.30), "hazel": (0.45, 0.35, 0.15), "grey": (0.45, 0.50, 0.55),
 }
 HAIR_STYLES = ("short", "buzz", "bob", "long", "bald")
+#: Painted face features (identity beyond colour); recorded under ``attributes["face"]``, never in captions.
+BROW_THICKNESS = {"thin": 0.0018, "medium": 0.0028, "thick": 0.0042}  # half-height in metres
+LIP_FULLNESS = {"thin": 0.0055, "medium": 0.0075, "full": 0.0095}  # vertical semi-axis in metres
+LIP_TINTS: dict[str, tuple[float, float, float]] = {"natural": (0.85, 0.55, 0.55), "rose": (0.95, 0.45, 0.50),
+                                                    "dark": (0.60, 0.35, 0.35)}
+FACIAL_HAIR = ("none", "stubble", "moustache", "beard")
+GLASSES = ("none", "round", "square")
+GLASSES_COLOURS: dict[str, tuple[float, float, float]] = {"black": (0.05, 0.05, 0.05), "brown": (0.35, 0.2, 0.1),
+                                                          "gold": (0.8, 0.65, 0.3)}
 PATTERNS = ("solid", "striped", "checked", "dotted")
 TOP_TYPES = ("shirt", "jacket")
 BOTTOM_TYPES = ("trousers", "shorts", "skirt")
@@ -56,7 +65,7 @@ GARMENT_TYPES = ("shirt", "jacket", "dress", "trousers", "shorts", "skirt")
 #: Labels of the per-avatar segment map (``segments.png``), one per painted region.
 SEGMENT_NAMES: tuple[str, ...] = (
     "none", "skin", "hair", "eyes", "brows", "lips", "shirt", "jacket", "dress", "trousers", "shorts",
-    "skirt", "shoes",
+    "skirt", "shoes", "facial_hair", "glasses",
 )
 
 #: Texels of padding copied outwards around every UV chart, so bilinear lookups at seams stay on colour.
@@ -154,8 +163,12 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, Any]:
         if bottom["colour"] == garments[0]["colour"]:
             bottom["colour"] = _contrasting(rng, garments[0]["colour"], 0.15)
         garments.append(bottom)
+    # A child stream of the avatar's seed: the face features do not shift any other draw of the avatar.
+    seq = getattr(rng.bit_generator, "seed_seq", None)
+    face_rng = np.random.default_rng(seq.spawn(1)[0]) if seq is not None else np.random.default_rng(rng.integers(2**31))
     return {
         "gender": gender,
+        "face": sample_face(face_rng, gender),
         "age_years": round(years, 1),
         "height_target_m": round(height_m, 3),
         "phenotype": pheno,
@@ -165,6 +178,27 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, Any]:
         "garments": garments,
         "shoes": {"colour": _pick(rng, ("black", "brown", "white", "grey", "navy", "red", "beige"))},
     }
+
+
+def sample_face(rng: np.random.Generator, gender: str) -> dict[str, Any]:
+    """Painted face features that tell people apart beyond colour: brows, lips, nose shading, facial hair, glasses."""
+    face: dict[str, Any] = {
+        "brow_thickness": _pick(rng, BROW_THICKNESS),
+        "brow_arch": float(rng.uniform(0.0, 0.008)),
+        "brow_tilt": float(rng.uniform(-0.004, 0.004)),
+        "lip_fullness": _pick(rng, LIP_FULLNESS),
+        "lip_width": float(rng.uniform(0.017, 0.026)),
+        "lip_tint": _pick(rng, LIP_TINTS),
+        "nose_shading": float(rng.uniform(0.0, 1.0)),
+        "facial_hair": "none",
+        "glasses": "none",
+    }
+    if gender == "man":
+        face["facial_hair"] = _pick(rng, FACIAL_HAIR, [0.55, 0.15, 0.1, 0.2])
+    if rng.random() < 0.25:
+        face["glasses"] = _pick(rng, GLASSES[1:])
+        face["glasses_colour"] = _pick(rng, GLASSES_COLOURS)
+    return face
 
 
 def phenotype_vector(attributes: dict[str, Any], names: tuple[str, ...]) -> Tensor:  # [len(names)]
@@ -420,17 +454,64 @@ class TexturePainter:
             lash = near & (e >= 1.0) & (e < 1.7) & (dy > -0.001)
             tex[lash] = tex[lash] * 0.35
             seg[sclera] = SEGMENT_NAMES.index("eyes")
-            # An arched brow over each eye, its outer end a little lower.
-            arc = eye[1] + 0.017 + 0.004 * (1 - (dx / 0.02) ** 2)
-            brow = near & (dx.abs() < 0.02) & ((y - arc).abs() < 0.0028) & ((dx * torch.sign(eye[0])) > -0.014)
+            # An arched brow over each eye, its outer end a little lower (thickness, arch and tilt per face).
+            face = attributes.get("face", {})
+            arch = float(face.get("brow_arch", 0.004))
+            tilt = float(face.get("brow_tilt", 0.0)) * (dx * torch.sign(eye[0])) / 0.02
+            half = BROW_THICKNESS.get(face.get("brow_thickness", ""), 0.0028)
+            arc = eye[1] + 0.017 + arch * (1 - (dx / 0.02) ** 2) + tilt
+            brow = near & (dx.abs() < 0.02) & ((y - arc).abs() < half) & ((dx * torch.sign(eye[0])) > -0.014)
             tex[brow] = brow_rgb
             seg[brow] = SEGMENT_NAMES.index("brows")
+        face = attributes.get("face", {})
         my = lm.mouth_y
-        lips = (z > float(lm.nose[2]) - 0.06) & ((x / 0.022) ** 2 + ((y - my) / 0.0075) ** 2 < 1.0)
-        lip_rgb = skin * torch.tensor([0.85, 0.55, 0.55]) + torch.tensor([0.06, 0.0, 0.0])
+        nose = lm.nose
+        front = z > float(nose[2]) - 0.06
+        if face:
+            # Nose shading: darker sides and a lit ridge, stronger for a more sculpted nose.
+            k = float(face["nose_shading"])
+            ny0, ny1 = float(nose[1]), float(lm.eye_l[1]) - 0.005
+            along = ((y - ny0) / (ny1 - ny0)).clamp(0, 1)
+            on_nose = front & (y > ny0 - 0.006) & (y < ny1)
+            side = on_nose & (x.abs() > 0.006) & (x.abs() < 0.013 + 0.004 * (1 - along))
+            ridge = on_nose & (x.abs() < 0.003)
+            tex[side] = tex[side] * (1 - 0.25 * k)
+            tex[ridge] = (tex[ridge] * (1 + 0.12 * k)).clamp(0, 1)
+            tex[front & ((x / 0.012) ** 2 + ((y - ny0 + 0.004) / 0.004) ** 2 < 1.0)] *= 1 - 0.2 * k  # nostrils
+        lip_h = LIP_FULLNESS.get(face.get("lip_fullness", ""), 0.0075)
+        lip_w = float(face.get("lip_width", 0.022))
+        lips = front & ((x / lip_w) ** 2 + ((y - my) / lip_h) ** 2 < 1.0)
+        lip_rgb = skin * torch.tensor(LIP_TINTS.get(face.get("lip_tint", ""), (0.85, 0.55, 0.55))) + torch.tensor([0.06, 0.0, 0.0])
         tex[lips] = lip_rgb
         tex[lips & ((y - my).abs() < 0.0011)] = lip_rgb * 0.45
         seg[lips] = SEGMENT_NAMES.index("lips")
+        hair = face.get("facial_hair", "none")
+        if hair != "none":
+            chin = my - 0.045
+            if hair == "moustache":
+                region = front & (x.abs() < lip_w + 0.004) & (y > my + lip_h * 0.6) & (y < float(nose[1]) - 0.007)
+                amount = 0.9
+            else:
+                region = front & ~lips & (y < float(nose[1]) - 0.007) & (y > chin - 0.015) & (x.abs() < 0.06)
+                amount = 0.35 if hair == "stubble" else 0.9
+            tex[region] = tex[region] * (1 - amount) + hair_rgb * 0.8 * amount
+            seg[region] = SEGMENT_NAMES.index("facial_hair")
+        if face.get("glasses", "none") != "none":
+            frame_rgb = torch.tensor(GLASSES_COLOURS[face["glasses_colour"]])
+            for eye in (lm.eye_l, lm.eye_r):
+                dx, dy = x - eye[0], y - eye[1]
+                if face["glasses"] == "round":
+                    d = torch.sqrt(dx**2 + dy**2)
+                    rim = (d > 0.016) & (d < 0.0185)
+                else:
+                    d = torch.maximum(dx.abs() / 0.019, dy.abs() / 0.013)
+                    rim = (d > 0.9) & (d < 1.0)
+                rim = rim & (z > float(eye[2]) - 0.03)
+                tex[rim] = frame_rgb
+                seg[rim] = SEGMENT_NAMES.index("glasses")
+            bridge = front & (x.abs() < 0.012) & ((y - float(lm.eye_l[1]) - 0.002).abs() < 0.0012)
+            tex[bridge] = frame_rgb
+            seg[bridge] = SEGMENT_NAMES.index("glasses")
         return tex, seg
 
     # ---- the painter -----------------------------------------------------------------------------
