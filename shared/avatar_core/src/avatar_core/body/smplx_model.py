@@ -96,6 +96,8 @@ def smplx_file_problem(path: str | os.PathLike) -> str | None:
             with open(path, "rb") as f:
                 head = f.read(2)
             return None if head[:1] == b"\x80" else "is not a pickle file"
+        if not zipfile.is_zipfile(path):
+            return "is not an .npz archive (not a zip file: damaged, truncated or another format)"
         with np.load(path, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 return "is not an .npz archive"
