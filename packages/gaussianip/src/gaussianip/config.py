@@ -213,6 +213,10 @@ class ReconConfig:
     """Paper 8; the official code uses 4."""
     l1_weight: float = 10.0
     lpips_weight: float = 15.0
+    vgg_weights: str | None = None
+    """torchvision vgg16 state dict for LPIPS-VGG (paper); null: the kernel's named random-feature stand-in."""
+    lpips_weights: str | None = "auto"
+    """LPIPS v0.1 linear heads: a file, 'auto' (the installed lpips wheel's), or null (LPIPS's baseline)."""
     densify_step: int = 100
     """One densification at this step (scaled by steps / reference_steps)."""
     reference_steps: int = 800

@@ -62,17 +62,14 @@ def default_face(cfg) -> Path:
     return ds.dirs[-1] / "portrait.png"
 
 
-def _perceptual():
-    """LPIPS from the kernel's perceptual module, or the kernel's named stand-in 1 - SSIM when it is absent."""
-    try:
-        from avatar_core.perceptual import load_perceptual  # type: ignore[attr-defined]
+def _perceptual(cfg):
+    """LPIPS-VGG from local weights (kernel perceptual module), or its named embedded stand-in when
+    ``recon.vgg_weights`` is empty; returns ``(distance [B, 3, H, W] x2 -> [B], description)``."""
+    from avatar_core.perceptual import PerceptualLoss
 
-        p = load_perceptual()
-        return (lambda a, b: p(a, b).reshape(a.shape[0])), getattr(p, "name", "lpips")
-    except ImportError:
-        from avatar_core.metrics import ssim
-
-        return (lambda a, b: 1.0 - ssim(a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1))), "1-ssim (stand-in for LPIPS)"
+    p = PerceptualLoss(cfg.recon.vgg_weights or None, lpips_weights=cfg.recon.lpips_weights or None, net="vgg")
+    desc = p.describe()
+    return (lambda a, b: p(a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1))), str(desc.get("kind", desc))
 
 
 def _settings_match(run: Path, cfg) -> None:
@@ -179,7 +176,7 @@ def continue_run(run: Path, cfg, prior, prompt: str, identity, progress: bool = 
     if stop_after == "stage2":
         return {"run": str(run), "timings": timings}
     # Stage 3
-    perceptual, pname = _perceptual()
+    perceptual, pname = _perceptual(cfg)
     if not (run / "gaussians.safetensors").is_file():
         t0 = time.time()
         from avatar_core.io import load_tensors
@@ -245,9 +242,11 @@ def train_prior(cfg, overwrite: bool = False) -> dict:
     from gaussianip.prior import EmbeddedPrior
     from gaussianip.prior_train import train_embedded_prior
 
+    if cfg.prior.kind == "paper":
+        load_prior(cfg)  # checks every local folder now, so a missing file is reported before generate
+        return {"prior": "paper", "note": "the paper-scale prior is pretrained (local folders); nothing to train"}
     if cfg.prior.kind != "embedded":
-        raise ConfigError("train-prior trains the embedded prior; this config uses the paper's pretrained prior",
-                          "use --config tiny, or set prior.kind=embedded")
+        raise ConfigError(f"unknown prior.kind {cfg.prior.kind!r}", "use 'embedded' or 'paper'")
     set_threads(cfg)
     out = Path(cfg.prior.cache_dir)
     if all((out / f).is_file() for f in EmbeddedPrior.FILES) and not overwrite:
