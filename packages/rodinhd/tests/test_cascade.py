@@ -19,6 +19,7 @@ from rodinhd.cascade import (
     VGGPerceptual,
     discretized_gaussian_log_likelihood,
     normal_kl,
+    rodinhd_schedule,
     upsample_rollout,
 )
 from rodinhd.conditioning import (
@@ -201,12 +202,12 @@ class _Oracle(nn.Module):
 def test_samplers_recover_the_sample_an_oracle_denoiser_knows():
     data = torch.randn(1, C, S, 3 * S) * 3 + 2
     norm = TriplaneNormalizer(C).fit(data)
-    ac = get_schedule("rodin_cosine_light").alphas_cumprod(1000)
+    ac = rodinhd_schedule("rodin_cosine_light").alphas_cumprod(1000)
     base = BaseDiffusion(_Oracle(norm.normalize(data), ac), None)
     base.normalizer.load_state_dict(norm.state_dict())
     torch.testing.assert_close(base.sample(batch_size=1, generator=torch.Generator().manual_seed(0)), data,
                                atol=1e-3, rtol=1e-4)
-    ac = get_schedule("rodin_sigmoid").alphas_cumprod(100)
+    ac = rodinhd_schedule("rodin_sigmoid").alphas_cumprod(100)
     up = UpsampleDiffusion(_Oracle(norm.normalize(data), ac, "x0"), None)
     up.normalizer.load_state_dict(norm.state_dict())
     torch.testing.assert_close(up.sample(data, generator=torch.Generator().manual_seed(0)), data,
@@ -387,7 +388,24 @@ def test_vgg_perceptual_reads_local_weights_only(tmp_path):
         assert perc(a, a).abs() < 1e-6 and perc(a, b) > 0
 
 
-def test_schedules_are_the_kernel_presets():
+def test_schedules_are_the_papers():
+    """The models' chains are RodinHD's closed forms (App. A) discretised as improved-diffusion does."""
+
+    def cosine(t, start=0.2, end=1.0, tau=3.0):  # "Cosine(start=0.2, end=1, tau=3)"
+        v = lambda x: math.cos(x * math.pi / 2) ** (2 * tau)  # noqa: E731
+        return (v(end) - v(t * (end - start) + start)) / (v(end) - v(start))
+
+    def sigmoid(t, start=0.0, end=3.0, tau=0.1):  # "Sigmoid(start=0, end=3, tau=0.1)"
+        s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+        return (s(end / tau) - s((t * (end - start) + start) / tau)) / (s(end / tau) - s(start / tau))
+
+    def chain(f, n):  # improved-diffusion's betas_for_alpha_bar, then the cumulative product
+        betas = [min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)]
+        return torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), 0)
+
     base, up = _base(tokenizer=False), _upsampler()
-    torch.testing.assert_close(base.alphas_cumprod, get_schedule("rodin_cosine_light").alphas_cumprod(1000))
-    torch.testing.assert_close(up.alphas_cumprod, get_schedule("rodin_sigmoid").alphas_cumprod(100))
+    torch.testing.assert_close(base.alphas_cumprod.double(), chain(cosine, 1000), atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(up.alphas_cumprod.double(), chain(sigmoid, 100), atol=1e-7, rtol=1e-6)
+    assert rodinhd_schedule("cosine") == get_schedule("cosine")  # other names: the kernel's
+
+

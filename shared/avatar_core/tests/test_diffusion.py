@@ -69,43 +69,43 @@ def test_linear_rescales_like_improved_diffusion_and_alpha_bar_is_exact_on_grid(
     assert (fine[1:] < fine[:-1]).all()
 
 
-def test_rodin_schedules_closed_form_endpoints_monotone_and_betas():
-    def rodin_cosine(t, start, end, tau):
+def test_cosine_power_and_sigmoid_closed_form_endpoints_monotone_and_betas():
+    def cosine_power(t, start, end, tau):
         v = lambda x: math.cos(x * math.pi / 2) ** (2 * tau)  # noqa: E731
         return (v(end) - v(t * (end - start) + start)) / (v(end) - v(start))
 
-    def rodin_sigmoid(t, start, end, tau):
+    def sigmoid(t, start, end, tau):
         s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
         return (s(end / tau) - s((t * (end - start) + start) / tau)) / (s(end / tau) - s(start / tau))
 
-    cases = {
-        "rodin_cosine": lambda t: rodin_cosine(t, 0.2, 1.0, 5.0),
-        "rodin_cosine_light": lambda t: rodin_cosine(t, 0.2, 1.0, 3.0),
-        "rodin_sigmoid": lambda t: rodin_sigmoid(t, 0.0, 3.0, 0.1),
+    cases = {  # Chen (2023)'s defaults, and the settings RodinHD uses
+        ("cosine_power", ()): lambda t: cosine_power(t, 0.0, 1.0, 1.0),
+        ("sigmoid", ()): lambda t: sigmoid(t, -3.0, 3.0, 1.0),
+        ("cosine_power", (0.2, 1.0, 5.0)): lambda t: cosine_power(t, 0.2, 1.0, 5.0),
+        ("cosine_power", (0.2, 1.0, 3.0)): lambda t: cosine_power(t, 0.2, 1.0, 3.0),
+        ("sigmoid", (0.0, 3.0, 0.1)): lambda t: sigmoid(t, 0.0, 3.0, 0.1),
     }
     # Values worked out by hand: cos(0.3 pi)^10 / cos(0.1 pi)^10 and (S(30) - S(15)) / (S(30) - 1/2).
-    assert get_schedule("rodin_cosine").alpha_bar(0.5).item() == pytest.approx(
+    assert get_schedule("cosine_power", start=0.2, tau=5.0).alpha_bar(0.5).item() == pytest.approx(
         0.5877852522924731**10 / 0.9510565162951535**10, rel=1e-12
     )
-    assert get_schedule("rodin_sigmoid").alpha_bar(0.5).item() == pytest.approx(
+    assert get_schedule("sigmoid", start=0.0, end=3.0, tau=0.1).alpha_bar(0.5).item() == pytest.approx(
         (1 / (1 + math.exp(-30)) - 1 / (1 + math.exp(-15))) / (1 / (1 + math.exp(-30)) - 0.5), rel=1e-12
     )
+    # cosine_power's defaults are the plain cos^2 (Nichol's without the offset s).
+    assert get_schedule("cosine_power").alpha_bar(0.5).item() == pytest.approx(0.5, rel=1e-12)
     grid = torch.linspace(0, 1, 2001, dtype=torch.float64)
-    for name, f in cases.items():
-        s = get_schedule(name)
+    for (name, args), f in cases.items():
+        s = get_schedule(name, **dict(zip(("start", "end", "tau"), args)))
         assert s.alpha_bar(0.0).item() == 1.0 and abs(s.alpha_bar(1.0).item()) < 1e-12
         for t in (0.1, 0.37, 0.5, 0.9):
             assert s.alpha_bar(t).item() == pytest.approx(f(t), rel=1e-10, abs=1e-15)
         ab = s.alpha_bar(grid)
-        assert (ab[1:] < ab[:-1]).all(), name
+        assert (ab[1:] < ab[:-1]).all(), (name, args)
         torch.testing.assert_close(s.betas(T), _reference_betas(f, T), atol=1e-9, rtol=0)
         # VP identities.
         torch.testing.assert_close(s.alpha(grid) ** 2 + s.sigma(grid) ** 2, torch.ones_like(grid))
-    # The RodinHD code's names: its "cosine" is not Nichol's.
-    assert get_schedule("rodinhd:cosine") == get_schedule("rodin_cosine")
-    assert get_schedule("sigmoid") == get_schedule("rodin_sigmoid")
-    assert get_schedule("cosine_light") == get_schedule("rodin_cosine", tau=3.0)
-    assert get_schedule("cosine") == get_schedule("squaredcos_cap_v2") != get_schedule("rodinhd:cosine")
+    assert get_schedule("cosine") == get_schedule("squaredcos_cap_v2") != get_schedule("cosine_power")
 
 
 def test_resolution_shift_and_errors():
@@ -118,7 +118,7 @@ def test_resolution_shift_and_errors():
     assert ((b > 0) & (b <= 0.999)).all()
     same = get_schedule("cosine", base_resolution=64, resolution=64)
     torch.testing.assert_close(same.betas(T), base.betas(T))
-    with pytest.raises(ConfigError, match="rodin_sigmoid"):
+    with pytest.raises(ConfigError, match="cosine_power"):
         get_schedule("nichol")
     with pytest.raises(ConfigError, match="tau"):
         get_schedule("linear", tau=1.0)
@@ -279,7 +279,7 @@ def test_one_step_chain_lands_on_the_prediction():
     """A respaced chain of one step (t = 0 only) must return the predicted clean sample, with no noise."""
     from avatar_core.diffusion.samplers import ddpm_step, respace, space_timesteps
 
-    ac = get_schedule("rodin_cosine_light").alphas_cumprod(1000)
+    ac = get_schedule("cosine_power", start=0.2, tau=3.0).alphas_cumprod(1000)
     chain = respace(ac, space_timesteps(1000, [1]))
     x0, x_t, noise = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0))
     for variance in ("fixed_small", "fixed_large"):

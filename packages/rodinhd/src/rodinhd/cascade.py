@@ -1,8 +1,8 @@
 """Cascaded triplane diffusion (Sec. 3.2, Eqs. 4-6, App. A): a base model and an upsample model.
 
 - :class:`BaseDiffusion`: low-resolution roll-outs, eps-prediction with learned variance (``learned_range``,
-  Nichol & Dhariwal 2021) trained with the hybrid loss L_simple + lambda L_vlb (lambda = 0.001), the kernel's
-  ``rodin_cosine_light`` schedule over 1000 steps, 20% condition dropout, classifier-free guidance (1.3) and a
+  Nichol & Dhariwal 2021) trained with the hybrid loss L_simple + lambda L_vlb (lambda = 0.001), the
+  ``rodin_cosine_light`` schedule (:data:`RODINHD_SCHEDULES`) over 1000 steps, 20% condition dropout, classifier-free guidance (1.3) and a
   respaced 10-step DDPM sampler.
 - :class:`UpsampleDiffusion`: high-resolution roll-outs, x0-prediction, the ``rodin_sigmoid`` schedule over 100
   steps, conditioned on the bilinearly upsampled low-res triplane with conditional noise augmentation, plus the
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatar_core.diffusion import (
+    NoiseSchedule,
     alpha_sigma,
     cfg,
     ddpm_step,
@@ -46,6 +47,22 @@ from rodinhd.unet import TriplaneUNet, planes_to_rollout, rollout_to_planes
 #: render_patch(triplane [B, C, H, 3W] raw roll-out, cameras (one per triplane), rows [B, P] long,
 #: cols [B, P] long) -> rgb [B, P, P, 3] in [0, 1]: the pixels (rows x cols) of each camera's image.
 RenderPatch = Callable[[Tensor, object, Tensor, Tensor], Tensor]
+
+
+#: RodinHD's schedule names (its code's presets, App. A) -> the kernel's schedule families and their parameters:
+#: base model "Cosine(start=0.2, end=1, tau=3)" (the code's ``cosine_light``), the code's ``cosine`` (tau=5), and
+#: the upsample model's "Sigmoid(start=0, end=3, tau=0.1)". Other names go to the kernel unchanged.
+RODINHD_SCHEDULES: dict[str, tuple[str, dict[str, float]]] = {
+    "rodin_cosine_light": ("cosine_power", {"start": 0.2, "end": 1.0, "tau": 3.0}),
+    "rodin_cosine": ("cosine_power", {"start": 0.2, "end": 1.0, "tau": 5.0}),
+    "rodin_sigmoid": ("sigmoid", {"start": 0.0, "end": 3.0, "tau": 0.1}),
+}
+
+
+def rodinhd_schedule(name: str) -> NoiseSchedule:
+    """A noise schedule by RodinHD's name (:data:`RODINHD_SCHEDULES`) or any kernel name (``cosine``, ...)."""
+    family, params = RODINHD_SCHEDULES.get(str(name).strip().lower(), (name, {}))
+    return get_schedule(family, **params)
 
 
 # -- the variational bound's terms (improved-diffusion, Nichol & Dhariwal 2021, Sec. 2-3) --------------------------
@@ -208,7 +225,7 @@ class _Conditioned(nn.Module):
         self.cond_drop_prob = float(cond_drop_prob)
         self.guidance_scale = float(guidance_scale)
         self.sample_steps = int(sample_steps)
-        self.register_buffer("alphas_cumprod", get_schedule(schedule).alphas_cumprod(self.num_steps),
+        self.register_buffer("alphas_cumprod", rodinhd_schedule(schedule).alphas_cumprod(self.num_steps),
                              persistent=False)
         self.normalizer = TriplaneNormalizer(unet.in_channels)
 
@@ -450,7 +467,7 @@ class UpsampleDiffusion(_Conditioned):
         if not 0.0 <= aug_sample <= 1.0 or not 0.0 <= aug_max_train <= 1.0:
             raise ConfigError("augmentation levels must lie in [0, 1]", "e.g. aug_max_train=0.3, aug_sample=0.1")
         self.variance_type = variance_type
-        self.aug_schedule = get_schedule(aug_schedule)
+        self.aug_schedule = rodinhd_schedule(aug_schedule)
         self.aug_max_train = float(aug_max_train)
         self.aug_sample = float(aug_sample)
         self.render_patch = render_patch

@@ -8,21 +8,21 @@ Discretisation to ``N`` steps follows improved-diffusion's ``betas_for_alpha_bar
 Sec. 3.2): ``beta_i = min(1 - alpha_bar((i + 1) / N) / alpha_bar(i / N), 0.999)``. The betas go to any
 diffusers scheduler through ``trained_betas=schedule.trained_betas(N)``.
 
-Names accepted by :func:`get_schedule`:
+Names accepted by :func:`get_schedule` (each family's parameters can be overridden by keyword):
 
 ==========================  =========================================================================
 ``linear``                  DDPM (Ho et al. 2020): betas linspace(1e-4, 2e-2) over 1000 steps.
 ``scaled_linear``           Stable Diffusion: betas linspace(sqrt(0.00085), sqrt(0.012))^2.
 ``cosine``                  Nichol & Dhariwal (2021) Eq. 17, s = 0.008 (diffusers: ``squaredcos_cap_v2``).
-``rodin_cosine``            RodinHD cosine(start=0.2, end=1, tau=5) (the RodinHD code's ``cosine``).
-``rodin_cosine_light``      RodinHD cosine(start=0.2, end=1, tau=3) (the RodinHD code's ``cosine_light``).
-``rodin_sigmoid``           RodinHD sigmoid(start=0, end=3, tau=0.1) (the RodinHD code's ``sigmoid``).
+``cosine_power``            cos(x pi / 2)^(2 tau) over x in [start, end], renormalised to [1, 0]
+                            (Chen 2023, "On the importance of noise scheduling", Alg. 1); defaults
+                            start = 0, end = 1, tau = 1.
+``sigmoid``                 logistic S(x / tau) over x in [start, end], renormalised (Chen 2023, Alg. 1);
+                            defaults start = -3, end = 3, tau = 1.
 ==========================  =========================================================================
 
-Aliases (:data:`ALIASES`): ``squaredcos_cap_v2`` -> ``cosine``; the RodinHD code's names, which clash with
-Nichol's ``cosine``, are accepted with a ``rodinhd:`` prefix (``rodinhd:cosine`` -> ``rodin_cosine``,
-``rodinhd:cosine_light``, ``rodinhd:sigmoid``, ``rodinhd:linear``, ``rodinhd:squaredcos_cap_v2``); the
-unambiguous ``cosine_light`` and ``sigmoid`` also work without the prefix. Plain ``cosine`` is always Nichol's.
+Alias (:data:`ALIASES`): ``squaredcos_cap_v2`` -> ``cosine``. A method that names its schedules after its paper
+maps those names onto these families in its own package.
 """
 
 from __future__ import annotations
@@ -131,15 +131,15 @@ class CosineSchedule(NoiseSchedule):
 
 
 @dataclass(frozen=True)
-class RodinCosineSchedule(NoiseSchedule):
-    """RodinHD's cosine(t; start, end, tau) = (v_end - v(t (end - start) + start)) / (v_end - v_start).
+class CosinePowerSchedule(NoiseSchedule):
+    """alpha_bar(t) = (v(end) - v(t (end - start) + start)) / (v(end) - v(start)), v(x) = cos(x pi / 2)^(2 tau).
 
-    ``v(x) = cos(x pi / 2)^(2 tau)``; this is alpha_bar(t) as the RodinHD code writes it.
+    Chen (2023), Alg. 1 ``cosine_schedule``: a power ``tau`` of the cosine, truncated to ``[start, end]``.
     """
 
-    start: float = 0.2
+    start: float = 0.0
     end: float = 1.0
-    tau: float = 5.0
+    tau: float = 1.0
 
     def _v(self, x: Tensor) -> Tensor:
         return torch.cos(x * (math.pi / 2)) ** (2.0 * self.tau)
@@ -151,12 +151,15 @@ class RodinCosineSchedule(NoiseSchedule):
 
 
 @dataclass(frozen=True)
-class RodinSigmoidSchedule(NoiseSchedule):
-    """RodinHD's sigmoid(t; start, end, tau) = (S(end/tau) - S((t (end - start) + start)/tau)) / (S(end/tau) - S(start/tau))."""
+class SigmoidSchedule(NoiseSchedule):
+    """alpha_bar(t) = (S(end / tau) - S((t (end - start) + start) / tau)) / (S(end / tau) - S(start / tau)), S logistic.
 
-    start: float = 0.0
+    Chen (2023), Alg. 1 ``sigmoid_schedule``.
+    """
+
+    start: float = -3.0
     end: float = 3.0
-    tau: float = 0.1
+    tau: float = 1.0
 
     def _alpha_bar(self, t: Tensor) -> Tensor:
         v_start = torch.sigmoid(torch.full_like(t, self.start / self.tau))
@@ -259,22 +262,12 @@ _PRESETS: dict[str, tuple[type[NoiseSchedule], dict[str, float]]] = {
     "linear": (LinearSchedule, {}),
     "scaled_linear": (ScaledLinearSchedule, {}),
     "cosine": (CosineSchedule, {}),
-    "rodin_cosine": (RodinCosineSchedule, {"start": 0.2, "end": 1.0, "tau": 5.0}),
-    "rodin_cosine_light": (RodinCosineSchedule, {"start": 0.2, "end": 1.0, "tau": 3.0}),
-    "rodin_sigmoid": (RodinSigmoidSchedule, {"start": 0.0, "end": 3.0, "tau": 0.1}),
+    "cosine_power": (CosinePowerSchedule, {}),
+    "sigmoid": (SigmoidSchedule, {}),
 }
 
-#: Other names for the presets: diffusers' name for Nichol's cosine and the RodinHD code's names.
-ALIASES: dict[str, str] = {
-    "squaredcos_cap_v2": "cosine",
-    "cosine_light": "rodin_cosine_light",
-    "sigmoid": "rodin_sigmoid",
-    "rodinhd:linear": "linear",
-    "rodinhd:squaredcos_cap_v2": "cosine",
-    "rodinhd:cosine": "rodin_cosine",
-    "rodinhd:cosine_light": "rodin_cosine_light",
-    "rodinhd:sigmoid": "rodin_sigmoid",
-}
+#: Other names for the presets (diffusers' name for Nichol's cosine).
+ALIASES: dict[str, str] = {"squaredcos_cap_v2": "cosine"}
 
 SCHEDULE_NAMES: tuple[str, ...] = tuple(_PRESETS)
 
