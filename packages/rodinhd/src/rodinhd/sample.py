@@ -145,8 +145,8 @@ def sample(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", portr
     check_result_dir(dest, SAMPLE_KIND, overwrite, inputs=inputs, what="--dest" if name is None else "--name",
                      recognise=_is_sample)
     gen = sampler or TriplaneSampler(cfg, out)
-    prepare_result_dir(dest, SAMPLE_KIND, overwrite, inputs=inputs, recognise=_is_sample)
     planes, info = gen(image, s.seed, s.base_steps, s.upsample_steps, s.guidance_scale)
+    prepare_result_dir(dest, SAMPLE_KIND, overwrite, inputs=inputs, recognise=_is_sample)  # only now: all went well
     store = TriplaneStore(dest, cfg.triplane.channels, cfg.triplane.resolution)
     tri = store.save("triplane", planes, {"stage": "sample", "portrait": str(portrait) if portrait else None})
     save_tensors(dest / "triplane_lowres.safetensors", {"planes": unroll(info["low_res"]).cpu()})
