@@ -13,10 +13,8 @@ from avatar_core.diffusion import get_schedule, q_sample, space_timesteps
 from avatar_core.errors import ConfigError, InputError, MissingWeightsError
 from rodinhd.cascade import (
     BaseDiffusion,
-    StructuralLoss,
     TriplaneNormalizer,
     UpsampleDiffusion,
-    VGGPerceptual,
     discretized_gaussian_log_likelihood,
     normal_kl,
     rodinhd_schedule,
@@ -33,6 +31,7 @@ from rodinhd.conditioning import (
     prepare_portrait,
     train_portrait_vae,
 )
+from rodinhd.image_loss import StructuralLoss, VGGPerceptual
 from rodinhd.unet import TriplaneUNet
 
 C = 4  # triplane channels
