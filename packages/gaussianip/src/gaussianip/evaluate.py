@@ -1,0 +1,200 @@
+"""``gaussianip evaluate``: the measurements behind the paper's claims, at the configured scale.
+
+* A probe the prior never saw: a small CNN trained on a *separate* synthetic dataset (another seed) to read the
+  kernel's attribute targets (gender, skin, hair, garment colours / types) from full-body views and the face
+  features (facial hair, glasses) from portraits.
+* AHDS vs uniform vs linear timesteps at equal step counts, and AHDS at 2/3 of the steps (the paper's 3600 -> 2400
+  claim): the probe's agreement of the stage-1 result's views with the attributes of the prompt's avatar.
+* VCR vs independent refinement: a fresh 3DGS fitted to each set of refined views; the PSNR it reaches on them
+  (views that agree in 3D can be fitted by one 3DGS; inconsistent ones cannot).
+* Identity: the probe's face-feature agreement of the result's portrait render with the input face's avatar, next
+  to the same agreement with the other avatars (random faces).
+* Time of one tiny ``generate`` (stage by stage).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from avatar_core.cameras import Cameras, look_at, orbit_cameras
+from avatar_core.data.datasets import ATTRIBUTE_CLASSES, MultiViewDataset, attribute_targets
+from avatar_core.io import load_image, load_tensors, save_json
+from avatar_core.metrics import psnr
+from avatar_core.results import prepare_result_dir
+
+FACE_CLASSES = {"facial_hair": ("none", "stubble", "moustache", "beard"), "glasses": ("none", "round", "square")}
+BODY_KEYS = ("gender", "skin_tone", "hair_colour", "top_colour", "top_type", "bottom_colour")
+FACE_KEYS = ("gender", "skin_tone", "hair_colour", "facial_hair", "glasses")
+
+
+def targets(attrs: dict) -> dict[str, int]:
+    t = attribute_targets(attrs)
+    face = attrs.get("face", {})
+    for k, classes in FACE_CLASSES.items():
+        t[k] = classes.index(face.get(k, "none"))
+    return t
+
+
+class Probe(nn.Module):
+    """A small multi-head CNN over 64 px images (full-body views or portraits)."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for w in (16, 32, 64, 64):
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(8, w), nn.SiLU()]
+            c = w
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        classes = {**{k: len(v) for k, v in ATTRIBUTE_CLASSES.items()}, **{k: len(v) for k, v in FACE_CLASSES.items()}}
+        self.heads = nn.ModuleDict({k: nn.Linear(4 * c, n) for k, n in classes.items()})
+
+    def forward(self, x):  # [B, 3, H, W] in [0, 1]
+        x = nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+        f = self.body(x * 2 - 1)
+        return {k: h(f) for k, h in self.heads.items()}
+
+
+def _white(img):  # [H, W, 4] -> [3, H, W] on white
+    return (img[..., :3] * img[..., 3:] + 1 - img[..., 3:]).permute(2, 0, 1)
+
+
+def train_probe(root: Path, steps: int, seed: int = 0) -> Probe:
+    """Fit the probe on every view (body keys) and portrait (face keys) of the evaluation dataset."""
+    ds = MultiViewDataset(root)
+    xs, ys, kind = [], [], []
+    for i in range(len(ds)):
+        t = targets(ds.attributes(i))
+        cams = ds.cameras(i)
+        for v in cams["views"]:
+            xs.append(_white(load_image(ds.dirs[i] / v["file"])))
+            ys.append(t)
+            kind.append(0)
+        xs.append(_white(load_image(ds.dirs[i] / cams["portrait"]["file"])))
+        ys.append(t)
+        kind.append(1)
+    x = torch.stack([nn.functional.interpolate(a[None], size=(64, 64), mode="bilinear", antialias=True)[0] for a in xs])
+    y = {k: torch.tensor([t[k] for t in ys]) for k in ys[0]}
+    is_face = torch.tensor(kind).bool()
+    torch.manual_seed(seed)
+    probe = Probe()
+    opt = torch.optim.AdamW(probe.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        out = probe(x[idx])
+        loss = 0.0
+        for k, logits in out.items():
+            mask = is_face[idx] if k in FACE_CLASSES else torch.ones(len(idx), dtype=torch.bool)
+            if mask.any():
+                loss = loss + nn.functional.cross_entropy(logits[mask], y[k][idx][mask])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return probe.eval().requires_grad_(False)
+
+
+def agreement(probe: Probe, images: torch.Tensor, t: dict[str, int], keys) -> float:
+    """Mean over images and keys of (probe's class == target class)."""
+    with torch.no_grad():
+        out = probe(images)
+    return float(torch.stack([(out[k].argmax(-1) == t[k]).float().mean() for k in keys]).mean())
+
+
+def result_views(params, frame, background, size: int = 64):
+    """Full-body orbit views and a portrait render in the synthetic dataset's framing (rescaled to the frame)."""
+    from gaussianip.distill import body_keypoints
+    from gaussianip.gaussians import render
+    from gaussianip.views import KP
+
+    cams = orbit_cameras(8, 2.8 * frame.scale, 0.0, 40.0, size, size)
+    kp = body_keypoints(frame)
+    top = float(kp[KP["left_eye"], 1]) + 0.16 * frame.scale
+    bottom = float(kp[KP["neck"], 1]) - 0.3 * frame.scale
+    half = (top - bottom) / 2
+    dist = half / torch.tan(torch.deg2rad(torch.tensor(15.0)))
+    target = torch.tensor([[float(kp[KP["neck"], 0]), (top + bottom) / 2, float(kp[KP["neck"], 2])]])
+    pc = Cameras.from_fov(look_at(target + torch.tensor([[0.0, 0.0, float(dist)]]), target), 30.0, size, size)
+    with torch.no_grad():
+        views = render(params, cams, background)[0].permute(0, 3, 1, 2)
+        portrait = render(params, pc, background)[0].permute(0, 3, 1, 2)
+    return views, portrait
+
+
+def evaluate(cfg, out: str | Path, overwrite: bool = False, probe_steps: int = 300, eval_avatars: int = 12) -> dict:
+    """Run the measurements into ``out`` (report.json and the runs they come from)."""
+    from avatar_core.data.generate import generate_dataset
+    from gaussianip import gaussians as G
+    from gaussianip.system import pipeline
+
+    out = prepare_result_dir(out, kind="gaussianip.evaluate", overwrite=overwrite)
+    pipeline.set_threads(cfg)
+    report: dict = {"scale": {"stage1_steps": cfg.stage1.steps, "num_points": cfg.gaussians.num_points,
+                              "render_size": cfg.stage1.render_size, "prior": cfg.prior.kind}}
+    t0 = time.time()
+    prior = pipeline.load_prior(cfg)
+    report["prior_seconds"] = round(time.time() - t0, 1)
+    ds = MultiViewDataset(cfg.dataset.root)
+    held = list(range(len(ds) - max(cfg.dataset.held_out, 1), len(ds)))
+    h = held[-1]
+    attrs = ds.attributes(h)
+    prompt, face = attrs["caption"], ds.dirs[h] / "portrait.png"
+    eval_root = Path(cfg.dataset.root).with_name(Path(cfg.dataset.root).name + "_probe")
+    generate_dataset(eval_root, num=eval_avatars, views=cfg.dataset.views, res=cfg.dataset.res,
+                     seed=cfg.dataset.seed + 1000, uv_res=cfg.dataset.uv_res, progress=False)
+    probe = train_probe(eval_root, probe_steps)
+    frame = G.body_frame(cfg.gaussians)
+    t_face = targets(attrs)
+    identity = prior.face_identity(load_image(face))
+
+    def stage1(kind: str, steps: int) -> tuple[float, float, Path]:
+        c = copy.deepcopy(cfg)
+        c.stage1.timesteps, c.stage1.steps = kind, steps
+        t = time.time()
+        res = pipeline.generate(c, prompt, face=face, out=out / f"stage1_{kind}_{steps}", overwrite=True,
+                                stop_after="stage1", progress=False)
+        params = G.load_gaussians(Path(res["run"]) / "stage1.safetensors")
+        views, portrait = result_views(params, frame, c.stage1.background)
+        return agreement(probe, views, t_face, BODY_KEYS), time.time() - t, Path(res["run"])
+
+    N = cfg.stage1.steps
+    rows = {}
+    for kind, steps in (("ahds", N), ("uniform", N), ("linear", N), ("ahds", (2 * N) // 3), ("uniform", (2 * N) // 3)):
+        score, sec, run = stage1(kind, steps)
+        rows[f"{kind}@{steps}"] = {"probe_agreement": round(score, 3), "seconds": round(sec, 1)}
+    report["timesteps"] = rows
+
+    # VCR vs independent, from the AHDS run's stage 1; a fresh fit (stage 3) to each set of refined views.
+    base = out / f"stage1_ahds_{N}"
+    cons = {}
+    for mode in ("vcr", "independent"):
+        c = copy.deepcopy(cfg)
+        c.vcr.mode = mode
+        run = out / f"full_{mode}"
+        run.mkdir()
+        for f in ("stage1.safetensors", "settings.json", ".avatar-result.json"):
+            (run / f).write_bytes((base / f).read_bytes())
+        t = time.time()
+        res = pipeline.continue_run(run, c, prior, prompt, identity, progress=False)
+        refined = load_tensors(run / "stage2.safetensors")[0]["refined"]
+        _, cams = pipeline.vcr_cameras(c)
+        fit = G.load_gaussians(run / "gaussians.safetensors")
+        with torch.no_grad():
+            rgb = G.render(fit, cams, c.stage1.background)[0]
+        cons[mode] = {"fit_psnr_db": round(float(psnr(rgb.clamp(0, 1), refined).mean()), 2),
+                      "seconds": round(time.time() - t, 1)}
+        if mode == "vcr":
+            params = G.load_gaussians(run / "gaussians.safetensors")
+            _, portrait = result_views(params, frame, c.stage1.background)
+            same = agreement(probe, portrait, t_face, FACE_KEYS)
+            others = [agreement(probe, portrait, targets(ds.attributes(j)), FACE_KEYS) for j in range(len(ds)) if j != h]
+            report["identity"] = {"input_face": round(same, 3), "random_faces_mean": round(sum(others) / len(others), 3),
+                                  "random_faces": len(others)}
+            report["generate_timings_s"] = {k: round(v, 1) for k, v in res["timings"].items()}
+    report["vcr_consistency"] = cons
+    save_json(out / "report.json", report)
+    return report
