@@ -109,7 +109,8 @@ def test_latent_is_downsampled_features_and_scale_is_their_std():
 
 
 def test_perceptual_loss_embedded_and_vgg(tmp_path, monkeypatch):
-    """Zero for equal images, larger for more different ones; VGG16 from a local file or $TERA_VGG16_WEIGHTS."""
+    """Zero for equal images, larger for more different ones; VGG16 from a local file only (no environment
+    variable changes it behind the config's back)."""
     from avatar_core.perceptual import vgg16_features
 
     torch.manual_seed(0)
@@ -118,10 +119,10 @@ def test_perceptual_loss_embedded_and_vgg(tmp_path, monkeypatch):
     # A torchvision-layout VGG16 state dict with random weights stands in for the real one.
     state = {f"features.{k}": t for k, t in vgg16_features().state_dict().items()}
     save_tensors(tmp_path / "vgg16.safetensors", state)
-    monkeypatch.delenv("TERA_VGG16_WEIGHTS", raising=False)
     assert PerceptualLoss().kind == "random_feature_perceptual"
-    monkeypatch.setenv("TERA_VGG16_WEIGHTS", str(tmp_path / "vgg16.safetensors"))
-    assert PerceptualLoss().kind == "lpips"
+    monkeypatch.setenv("TERA_VGG16_WEIGHTS", str(tmp_path / "vgg16.safetensors"))  # the variable of old versions
+    assert PerceptualLoss().kind == "random_feature_perceptual"
+    assert PerceptualLoss(tmp_path / "vgg16.safetensors").kind == "lpips"
     for loss in (PerceptualLoss(lpips_weights=None), PerceptualLoss(tmp_path / "vgg16.safetensors")):
         assert loss(a, a).abs().max() < 1e-6
         assert (loss(a, near) < loss(a, far)).all()

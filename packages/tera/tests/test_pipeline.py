@@ -4,6 +4,7 @@ then bad inputs (clear errors, nothing lost) and the configs."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,19 @@ def test_end_to_end_outputs(run):
     # A seed fixes the sample: generating again gives the same latent bit for bit.
     again = P.sample_latents(models, ["a woman in a red dress"], 3, **P.sampling(cfg))[0].cpu()
     torch.testing.assert_close(again, latent, atol=0, rtol=0)
+
+
+def test_tiny_run_records_its_standins_and_streams_its_latents(run):
+    """Each training stage writes the stand-ins the tiny config chose; stage 1's latents are one file per avatar."""
+    cfg, *_ = run
+    paths = P.run_paths(cfg)
+    for stage in (paths.teacher, paths.distill, paths.diffusion):
+        names = [s["name"] for s in json.loads((stage / "standins.json").read_text())["standins"]]
+        assert names and set(names) <= {"anny_body", "minilm_text", "random_feature_perceptual", "fitted_teacher"}
+    index = json.loads((paths.distill / "latents.json").read_text())
+    assert len(index["ids"]) == cfg.data.num and all((Path(index["folder"]) / f"{a}.safetensors").is_file()
+                                                     for a in index["ids"])
+    assert not (paths.distill / "latents.safetensors").exists()
 
 
 def test_edit_keeps_outside_and_source(run, tmp_path):

@@ -61,6 +61,16 @@ class DataConfig:
     """Colour behind the avatar in renders and RGBA targets."""
     eval_views: list[int] = field(default_factory=lambda: [1])
     """Views held out of fitting and distillation, for the reconstruction PSNR."""
+    on_error: str = "stop"
+    """An avatar whose files are missing or corrupt: "stop" the run naming it, or "skip" it (logged)."""
+    num_workers: int = 0
+    """DataLoader worker processes reading diffusion-training items from disk (0: in the training process)."""
+    view_cache: int = 64
+    """Avatars whose decoded views are kept in memory (fitting and distillation revisit them)."""
+    body_cache: int = 64
+    """Avatars whose posed bodies are kept in memory (recomputed from body.safetensors when evicted)."""
+    stats_items: int = 0
+    """Avatars the latent scale is measured on, a seeded subset (0: all)."""
 
 
 @dataclass
@@ -284,6 +294,10 @@ class TeraConfig:
     edit: EditConfig = field(default_factory=EditConfig)
     animate: AnimateConfig = field(default_factory=AnimateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    standins: list[str] = field(default_factory=list)
+    """Embedded stand-ins allowed instead of the paper's networks: ``anny_body`` (SMPL-X), ``minilm_text`` (CLIP),
+    ``random_feature_perceptual`` (VGG-16 for L_vgg), ``fitted_teacher`` (IDOL features); empty: the paper's
+    files are required and checked before any work."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TeraConfig:

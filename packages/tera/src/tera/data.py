@@ -10,7 +10,7 @@ SMPL-X parameters of HuGe100K). Captions: the long sentence and the three phrase
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,12 @@ class TeraDataset:
         root: the dataset folder (``avatar-core make-dataset --out root``).
         image_size: views are resized to this square size (cameras follow).
         max_avatars: keep only the first N avatars (0: all).
+        view_cache, body_cache: how many avatars' decoded views / posed bodies stay in memory (least recently
+            used ones are dropped and read again when needed), so memory does not grow with the dataset.
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int | None = None, max_avatars: int = 0):
+    def __init__(self, root: str | os.PathLike, image_size: int | None = None, max_avatars: int = 0,
+                 view_cache: int = 64, body_cache: int = 64):
         self.base = AvatarDataset(root)
         self.root = self.base.root
         n = len(self.base) if max_avatars <= 0 else min(max_avatars, len(self.base))
@@ -55,7 +58,9 @@ class TeraDataset:
         self.ids = [d.name for d in self.dirs]
         self.image_size = int(image_size or self.base.settings["res"])
         self.num_views = int(self.base.settings["views"])
-        self._bodies: dict[int, BodyOutput] = {}
+        self._bodies: OrderedDict[int, BodyOutput] = OrderedDict()
+        self._views: OrderedDict[int, tuple[Tensor, Cameras]] = OrderedDict()
+        self._sizes = {"views": int(view_cache), "bodies": int(body_cache)}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -77,8 +82,15 @@ class TeraDataset:
     def texture(self, i: int) -> Tensor:  # [R, R, 3]
         return load_image(self.dirs[i] / "texture.png")[..., :3]
 
-    @lru_cache(maxsize=64)  # noqa: B019 - a dataset object lives as long as the run
     def _all_views(self, i: int) -> tuple[Tensor, Cameras]:
+        if i in self._views:
+            self._views.move_to_end(i)
+            return self._views[i]
+        out = self._read_views(i)
+        _remember(self._views, i, out, self._sizes["views"])
+        return out
+
+    def _read_views(self, i: int) -> tuple[Tensor, Cameras]:
         cams = self.base.cameras(i)
         frames = cams["views"]
         rgba = torch.stack([load_image(self.dirs[i] / f["file"]) for f in frames])  # [V, H, W, 4]
@@ -107,14 +119,26 @@ class TeraDataset:
         return self.base.body(i)
 
     def body_output(self, i: int, body: BodyModel) -> BodyOutput:
-        """Avatar ``i``'s posed body (its shape, pose and translation), computed once."""
-        if i not in self._bodies:
-            p = self.body_params(i)
-            dt = body.template_vertices.dtype
-            with torch.no_grad():
-                self._bodies[i] = body(shape=p["shape"][None].to(dt), pose=p["pose"][None].to(dt),
-                                       global_orient=p["global_orient"][None].to(dt), transl=p["transl"][None].to(dt))
-        return self._bodies[i]
+        """Avatar ``i``'s posed body (its shape, pose and translation), kept while among the recently used."""
+        if i in self._bodies:
+            self._bodies.move_to_end(i)
+            return self._bodies[i]
+        p = self.body_params(i)
+        dt = body.template_vertices.dtype
+        with torch.no_grad():
+            out = body(shape=p["shape"][None].to(dt), pose=p["pose"][None].to(dt),
+                       global_orient=p["global_orient"][None].to(dt), transl=p["transl"][None].to(dt))
+        _remember(self._bodies, i, out, self._sizes["bodies"])
+        return out
+
+
+def _remember(cache: OrderedDict, key: int, value: Any, size: int) -> None:
+    """Keep ``value`` in an LRU ``cache`` of ``size`` entries (0: keep nothing)."""
+    if size <= 0:
+        return
+    cache[key] = value
+    while len(cache) > size:
+        cache.popitem(last=False)
 
 
 def training_views(num_views: int, eval_views: list[int]) -> list[int]:

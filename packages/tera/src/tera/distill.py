@@ -35,14 +35,15 @@ from tera.uv_gaussians import UVDecoder, UVGaussianAvatar, composite
 class PerceptualLoss(KernelPerceptualLoss):
     """TeRA's L_vgg term: the kernel's perceptual loss (:class:`avatar_core.perceptual.PerceptualLoss`).
 
-    ``vgg_weights``: a local torchvision ``vgg16`` state dict (also read from ``$TERA_VGG16_WEIGHTS``) gives
+    ``vgg_weights``: a local torchvision ``vgg16`` state dict (config key ``teacher.vgg_weights``; no environment
+    variable overrides it, so a run's settings say what it trained with) gives
     LPIPS over VGG-16 (IDOL's LPIPS term; heads from ``lpips_weights`` or an installed ``lpips`` package, else
     LPIPS's baseline); none gives the kernel's embedded random-feature stand-in. ``describe()`` names the choice.
     """
 
     def __init__(self, vgg_weights: str | os.PathLike | None = None, lpips_weights: str | os.PathLike | None = "auto",
                  seed: int = 0):
-        super().__init__(vgg_weights or os.environ.get("TERA_VGG16_WEIGHTS") or None, lpips_weights, "vgg", seed)
+        super().__init__(vgg_weights or None, lpips_weights, "vgg", seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,8 +194,8 @@ class Distiller(nn.Module):
     Args:
         avatar: the UV Gaussian avatar (fixed UV points on the body) that turns attribute maps into Gaussians.
         decoder: the :class:`DistillationDecoder`.
-        perceptual: the L_vgg term; None builds :class:`PerceptualLoss` (VGG16 from ``$TERA_VGG16_WEIGHTS`` or
-            the embedded random-feature loss).
+        perceptual: the L_vgg term; None builds :class:`PerceptualLoss` without weights (the embedded
+            random-feature stand-in).
         lambda_vgg: perceptual weight (not published for TeRA; 0.5 keeps IDOL's 10 : 20 ratio to the MSE).
         lambda_offset: offset regulariser weight (not published; 0.05 keeps IDOL's 1 : 20 ratio).
         background: colour behind the avatar, the same for renders and RGBA targets.

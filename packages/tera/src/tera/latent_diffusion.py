@@ -25,6 +25,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
 
+from avatar_core.data.stats import ChannelMoments
 from avatar_core.diffusion import (
     Respaced,
     cfg,
@@ -197,6 +198,24 @@ class StructuredLatentDiffusion(nn.Module):
         c = self.latent_shape[0]
         self.latent_shift.copy_(shift.expand(c).float())
         self.latent_scale.copy_((1.0 / spread).expand(c).float())
+        self.latent_stats_set.fill_(True)
+
+    @torch.no_grad()
+    def set_latent_stats_from_moments(self, moments: ChannelMoments, per_channel: bool = False, center: bool = False) -> None:
+        """:meth:`set_latent_stats` from per-channel moments streamed over the training latents
+        (:class:`avatar_core.data.stats.ChannelMoments`), so the latents never need to be in memory together."""
+        c = self.latent_shape[0]
+        if moments.channels != c:
+            raise InputError(f"latent statistics of {moments.channels} channels for a {c}-channel model",
+                             "measure them on this model's latents")
+        m = moments if per_channel else moments.pooled()
+        shift = m.mean if center else torch.zeros_like(m.mean)
+        spread = m.var(unbiased=False).sqrt() if center else m.rms()
+        if bool((spread < 1e-12).any()):
+            raise InputError("latents are constant (zero spread); cannot measure a scale",
+                             "measure the statistics on real, varied training latents")
+        self.latent_shift.copy_(shift.float())
+        self.latent_scale.copy_((1.0 / spread).float())
         self.latent_stats_set.fill_(True)
 
     def normalize(self, latents: Tensor) -> Tensor:  # [B, C, h, w] -> [B, C, h, w]

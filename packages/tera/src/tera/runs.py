@@ -4,9 +4,11 @@ Files under ``cfg.run_dir``::
 
     teacher/<avatar_id>.safetensors   teacher UV features [C, H, W] (+ decoder.safetensors)   tera.teacher
     distill/decoder.safetensors       distillation decoder + its settings                      tera.stage1
-    distill/latents.safetensors       the dataset's latents [A, C, r, r] (ids in the metadata)  tera.stage1
+    distill/latents.json              the latents' folder (latents/<key>/items/<id>.safetensors)  tera.stage1
     distill/checkpoints/, metrics.jsonl
     diffusion/model/                  config.json + model.safetensors                           tera.stage2
+    cache/text_states/<key>/          caption token states per avatar, keyed by the text encoder  tera.stage2
+    */standins.json                   the stand-ins each stage used (tera.standins)
     diffusion/checkpoints/, metrics.jsonl
     avatars/<name>/                   avatar.safetensors (latent + provenance), avatar.ply, maps.png,
                                       maps.safetensors, turntable.mp4, preview.png, settings.json   tera.generate
@@ -36,7 +38,8 @@ __all__ = ["RunPaths", "build_avatar", "load_dataset", "perceptual", "posed_rend
 
 #: Settings read only after training (where the run lives, sampling, editing, animation, evaluation): a stage
 #: may resume under other values of these; every other setting is part of the stage's resume signature.
-AFTER_TRAINING = ("run_dir", "generate", "edit", "animate", "evaluate")
+AFTER_TRAINING = ("run_dir", "generate", "edit", "animate", "evaluate", "data.num_workers", "data.view_cache",
+                  "data.body_cache")
 #: Per stage, the sections it does not read besides AFTER_TRAINING (an explicit allow-list, never a pick-list).
 STAGE_MAY_CHANGE = {
     "teacher": ("distill", "diffusion", "text", "teacher.features_dir", "data.num", "data.max_avatars"),
@@ -107,7 +110,7 @@ def load_dataset(cfg: TeraConfig, create: bool = False) -> TeraDataset:
         raise MissingFileError(f"no avatar dataset at {d.root}",
                                f"write one with `avatar-core make-dataset --out {d.root} --num {d.num} --views {d.views}"
                                f" --res {d.res} --uv-res {d.uv_res}`, or set data.root=...")
-    return TeraDataset(d.root, d.image_size, d.max_avatars)
+    return TeraDataset(d.root, d.image_size, d.max_avatars, view_cache=d.view_cache, body_cache=d.body_cache)
 
 
 def posed_render(avatar: UVGaussianAvatar, gaussians: GaussianBatch, body: BodyOutput | None, cameras: Cameras,

@@ -1,6 +1,8 @@
 """TeRA stage 1 (Sec. 3.3, Eq. 1): the distillation decoder trained on the teacher's latents to reproduce each
 avatar's posed multi-view renders; ``tera distill``. Writes ``distill/decoder.safetensors`` (weights + the
-settings that rebuild it) and ``distill/latents.safetensors``, and reports the held-out view PSNR."""
+settings that rebuild it) and the latents, one file per avatar (``distill/latents.json`` names them;
+:mod:`tera.streaming`), and reports the held-out view PSNR. Latents, views and posed bodies are read per avatar
+when a step needs them, never all at once."""
 
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ from tera.runs import (
     train_device,
     uv_decoder,
 )
-from tera.teacher import DECODER_FILE, teacher_latents
+from tera.standins import resolve_standins
+from tera.streaming import LatentSet, teacher_latent_cache, write_latent_index
+from tera.teacher import DECODER_FILE
 from tera.uv_gaussians import UVGaussianAvatar, composite
 
 __all__ = ["DECODER_FORMAT", "distill", "load_decoder", "reconstruction_psnr"]
@@ -59,9 +63,13 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
     d = cfg.distill
     r = int(latent_resolution or d.latent_resolution)
     out = Path(out_dir) if out_dir is not None else run_paths(cfg).distill
+    standins = resolve_standins(cfg, ("body", "perceptual", "teacher"))  # before any work
     device = train_device(cfg)
     ds = load_dataset(cfg)
-    latents = teacher_latents(cfg, ds, r)
+    cache, lat_ids = teacher_latent_cache(cfg, ds, r, progress)
+    latents = LatentSet(cache.folder, lat_ids, r)
+    index = {a: i for i, a in enumerate(ds.ids)}
+    kept = np.asarray([index[a] for a in lat_ids])  # dataset indices with a latent (all, unless skipped)
     avatar = build_avatar(cfg).to(device)
     settings = _decoder_settings(cfg, r)
     with seeded(cfg.seed):  # the initial weights depend on the seed only: runs are reproducible
@@ -74,12 +82,11 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
     loss_net = perceptual(cfg).to(device)
     bg = tuple(cfg.data.background)
     train_v = training_views(ds.num_views, list(cfg.data.eval_views))
-    bodies = [ds.body_output(i, avatar.body) for i in range(len(ds))]
     seed = cfg.seed
 
     def data(epoch: int) -> list[dict[str, Tensor]]:
         rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(ds))
+        order = kept[rng.permutation(len(kept))]
         out_b = []
         for idx in global_batches(order, d.batch_size):
             views = np.stack([rng.choice(train_v, size=min(d.views_per_step, len(train_v)), replace=False) for _ in idx])
@@ -90,9 +97,9 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
         total, parts = 0.0, []
         for i, views in zip(batch["index"].tolist(), batch["views"].tolist()):
             images, cams = ds.views(i, views)
-            maps = model(latents[i:i + 1].to(device))
+            maps = model(latents.get(ds.ids[i])[None].to(device))
             g = avatar(maps)
-            pred = posed_render(avatar, g, bodies[i], cams.to(device), bg)
+            pred = posed_render(avatar, g, ds.body_output(i, avatar.body), cams.to(device), bg)
             target = composite(images.to(device), bg)[None]
             loss, p = render_loss(pred, target, g.offsets, loss_net, 1.0, d.lambda_vgg, d.lambda_offset, sum_views=True)
             total = total + loss / len(batch["index"])
@@ -116,7 +123,8 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
         if not trainer.accelerator.is_main_process:  # other processes of `accelerate launch` stop here
             return {"latent_resolution": r, "steps": trainer.step}
         save_tensors(out / "decoder.safetensors", decoder.state_dict(), settings)
-        save_tensors(out / "latents.safetensors", {"latents": latents}, {"ids": ds.ids, "latent_resolution": r})
+        write_latent_index(cfg, cache, lat_ids, r, out)
+        save_json(out / "standins.json", standins.settings())
         recon = reconstruction_psnr(cfg, decoder, latents, ds, avatar)
         result = {"latent_resolution": r, "steps": trainer.step, "final_loss": last.get("loss"),
                   **recon, "seconds": time.perf_counter() - start}
@@ -125,17 +133,19 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
 
 
 @torch.no_grad()
-def reconstruction_psnr(cfg: TeraConfig, decoder: DistillationDecoder, latents: Tensor, ds: TeraDataset,
+def reconstruction_psnr(cfg: TeraConfig, decoder: DistillationDecoder, latents: LatentSet, ds: TeraDataset,
                         avatar: UVGaussianAvatar) -> dict[str, float]:
-    """PSNR of decoded, posed renders against the dataset's views: held-out and training views."""
+    """PSNR of decoded, posed renders against the dataset's views (held-out and training views), avatar by avatar."""
     bg = tuple(cfg.data.background)
     device = next(decoder.parameters()).device
     held = list(cfg.data.eval_views)
     train_v = training_views(ds.num_views, held)
     decoder.eval()
     res = {"psnr_heldout": [], "psnr_train": []}
-    for i in range(len(ds)):
-        g = avatar(decoder(latents[i:i + 1].to(device)))
+    index = {a: i for i, a in enumerate(ds.ids)}
+    for a in latents.ids:
+        i = index[a]
+        g = avatar(decoder(latents.get(a)[None].to(device)))
         for key, views in (("psnr_heldout", held), ("psnr_train", train_v[:2])):
             if not views:
                 continue

@@ -6,22 +6,21 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor
 
 from avatar_core.config import config_to_dict
 from avatar_core.env import resolve_device
 from avatar_core.errors import ConfigError, MissingFileError
-from avatar_core.io import load_tensors, save_json
-from avatar_core.train import Trainer, global_batches, run_lock, seeded, shard_batch
+from avatar_core.io import save_json
+from avatar_core.train import Trainer, run_lock, seeded
 from tera.config import TeraConfig
-from tera.data import caption_choice
 from tera.latent_diffusion import StructuredLatentDiffusion
 from tera.runs import load_dataset, run_paths, stage_signature, train_device
+from tera.standins import resolve_standins
+from tera.streaming import diffusion_loader, latent_moments, latent_set, text_state_cache
 from tera.text import TextCondition, TextConditioner
 
-__all__ = ["load_latents", "load_model", "text_conditioner", "train", "unet_config"]
+__all__ = ["load_model", "text_conditioner", "train", "unet_config"]
 
 
 def text_conditioner(cfg: TeraConfig, device: torch.device) -> TextConditioner:
@@ -40,50 +39,33 @@ def unet_config(cfg: TeraConfig, channels: int, resolution: int, text_dim: int) 
             "norm_num_groups": u.norm_num_groups}
 
 
-def load_latents(cfg: TeraConfig) -> tuple[Tensor, list[str]]:
-    """The distilled latents ``[A, C, r, r]`` of stage 1 and their avatar ids."""
-    path = run_paths(cfg).distill / "latents.safetensors"
-    if not path.is_file():
-        raise MissingFileError(f"no distilled latents at {path}", "run `tera distill` first")
-    tensors, meta = load_tensors(path)
-    return tensors["latents"], list(meta["ids"])
-
-
 def train(cfg: TeraConfig, progress: bool = True, resume: str | None = "auto") -> dict[str, Any]:
-    """Stage 2: the text-conditioned latent diffusion on the distilled latents (shared Trainer; EMA; resume)."""
+    """Stage 2: the text-conditioned latent diffusion on the distilled latents (shared Trainer; EMA; resume).
+
+    Latents and caption token states stream from disk per avatar (:mod:`tera.streaming`); the token states are
+    computed once into the run's cache, keyed by the text encoder."""
     start = time.perf_counter()
+    standins = resolve_standins(cfg, ("text",))  # before any work
     dc = cfg.diffusion
     device = train_device(cfg)
-    latents, ids = load_latents(cfg)
+    latents = latent_set(cfg)
     ds = load_dataset(cfg)
     index = {a: i for i, a in enumerate(ds.ids)}
-    unknown = [a for a in ids if a not in index]
+    unknown = [a for a in latents.ids if a not in index]
     if unknown:
         raise ConfigError(f"the latents come from avatars not in {ds.root} (e.g. {unknown[0]})",
                           "point data.root at the dataset the run was distilled from")
-    captions = [ds.captions(index[a]) for a in ids]
-    ncap = len(captions[0])
     text = text_conditioner(cfg, device)
-    cond = text([c for caps in captions for c in caps])
-    states = cond.states.reshape(len(ids), ncap, *cond.states.shape[1:]).cpu()  # [A, K, L, D]
-    masks = cond.mask.reshape(len(ids), ncap, -1).cpu()  # [A, K, L]
-    C, r = latents.shape[1], latents.shape[-1]
+    states, ids = text_state_cache(cfg, text, ds, latents.ids, progress)
+    C, r = latents.get(ids[0]).shape[0], latents.latent_resolution
     with seeded(cfg.seed):  # the initial weights depend on the seed only: runs are reproducible
         model = StructuredLatentDiffusion(
             unet_config(cfg, C, r, text.dim), text=text, num_train_timesteps=dc.num_train_timesteps,
             schedule=dc.schedule, prediction=dc.prediction, text_dropout=dc.text_dropout,
             guidance_scale=dc.guidance_scale, sample_steps=dc.sample_steps, ddim_steps=dc.ddim_steps)
-    model.set_latent_stats(latents, per_channel=dc.per_channel_stats)
+    model.set_latent_stats_from_moments(latent_moments(cfg, latents, ids), per_channel=dc.per_channel_stats)
     bs = min(dc.batch_size, len(ids))
-    seed = cfg.seed
-
-    def data(epoch: int) -> list[dict[str, Tensor]]:
-        order = np.random.default_rng([seed, 1, epoch]).permutation(len(ids))
-        out = []
-        for idx in global_batches(order, bs):
-            k = [caption_choice(ncap, seed, epoch, int(i), dc.caption_variant) for i in idx]
-            out.append(shard_batch({"latents": latents[idx], "states": states[idx, k], "mask": masks[idx, k]}))
-        return out
+    data = diffusion_loader(cfg, latents, ids, states, bs)
 
     def step_fn(m, batch):
         return m(batch["latents"], TextCondition(batch["states"], batch["mask"].bool())), {}
@@ -104,8 +86,9 @@ def train(cfg: TeraConfig, progress: bool = True, resume: str | None = "auto") -
         if not trainer.accelerator.is_main_process:
             return {"steps": trainer.step}
         model.save(out / "model")
+        save_json(out / "standins.json", standins.settings())
         result = {"steps": trainer.step, "final_loss": last.get("loss"), "latent_shape": [C, r, r],
-                  "avatars": len(ids), "seconds": time.perf_counter() - start}
+                  "avatars": len(ids), "standins": standins.names(), "seconds": time.perf_counter() - start}
         save_json(out / "summary.json", result)
     return result
 

@@ -36,8 +36,9 @@ from avatar_core.io import load_json, load_tensors, save_json, save_tensors
 from avatar_core.train import move_aside, run_lock, signature_diff
 from tera.config import TeraConfig
 from tera.data import TeraDataset, training_views
-from tera.distill import PerceptualLoss, features_to_latent, render_loss
+from tera.distill import PerceptualLoss, render_loss
 from tera.runs import build_avatar, load_dataset, perceptual, posed_render, run_paths, stage_signature, uv_decoder
+from tera.standins import resolve_standins
 from tera.uv_gaussians import UVDecoder, UVGaussianAvatar, composite
 
 FEATURE_KEY = "uv_features"
@@ -289,6 +290,8 @@ def fit_teacher(cfg: TeraConfig, progress: bool = True, create_dataset: bool = F
     features aside to ``<teacher>.old-<time>`` and fits every avatar again)."""
     start = time.perf_counter()
     t = cfg.teacher
+    standins = resolve_standins(cfg, ("body", "teacher") if t.source == "idol" else ("body", "perceptual", "teacher"))
+    # (the paper's files or the allowed stand-ins, checked before any work)
     store = TeacherFeatureStore(run_paths(cfg).teacher, t.channels)
     resolve_device(cfg.device, cfg.threads)
     ds = load_dataset(cfg, create=create_dataset)
@@ -308,6 +311,7 @@ def fit_teacher(cfg: TeraConfig, progress: bool = True, create_dataset: bool = F
         signature = stage_signature(cfg, "teacher")
         check_fit_settings(store.root, signature)
         save_json(store.root / FIT_SETTINGS_FILE, {"format": FIT_FORMAT, "signature": signature})
+        save_json(store.root / "standins.json", standins.settings())
         return _fit(cfg, store, ds, progress, start)
 
 
@@ -334,23 +338,5 @@ def _fit(cfg: TeraConfig, store: TeacherFeatureStore, ds: TeraDataset, progress:
             "seconds": time.perf_counter() - start}
 
 
-def teacher_latents(cfg: TeraConfig, ds: TeraDataset, latent_resolution: int) -> Tensor:  # [A, C, r, r]
-    """The dataset's teacher features brought to the latent resolution (what stage 1 distils)."""
-    store = TeacherFeatureStore(run_paths(cfg).teacher, cfg.teacher.channels)
-    missing = [a for a in ds.ids if not store.exists(a)]
-    if missing:
-        raise MissingFileError(
-            f"teacher UV features missing for {len(missing)} of {len(ds)} avatars in {store.root} "
-            f"(first: {missing[0]})", "run `tera fit-teacher` first (or point teacher.features_dir at IDOL features)")
-    lat = []
-    for a in ds.ids:
-        f = store.load(a)
-        if f.shape[-1] % latent_resolution:
-            raise ConfigError(f"teacher features are {f.shape[-1]}^2, not a multiple of the latent resolution "
-                              f"{latent_resolution}", "pick distill.latent_resolution dividing teacher.resolution")
-        lat.append(features_to_latent(f, latent_resolution)[0])
-    return torch.stack(lat)
-
-
 __all__ = ["DECODER_FILE", "FEATURE_CHANNELS", "FEATURE_KEY", "FIT_SETTINGS_FILE", "TeacherFeatureStore",
-           "TeacherFitter", "check_fit_settings", "fit_teacher", "teacher_latents"]
+           "TeacherFitter", "check_fit_settings", "fit_teacher"]
