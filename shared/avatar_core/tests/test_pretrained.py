@@ -294,8 +294,9 @@ def test_minilm_paraphrases_and_sentence_transformers(minilm):
     # Masked mean pooling does not depend on the padding: prompts alone and in a batch embed the same.
     torch.testing.assert_close(minilm.encode(prompts[:1]).pooled, out.pooled[:1], atol=1e-5, rtol=0)
     # Independent reference: sentence-transformers' own pipeline over the same shipped folder.
-    st = pytest.importorskip("sentence_transformers")
-    ref = st.SentenceTransformer(str(P.minilm_dir()), device="cpu", local_files_only=True)
+    from sentence_transformers import SentenceTransformer  # declared in avatar-core[dev]: this must not skip
+
+    ref = SentenceTransformer(str(P.minilm_dir()), device="cpu", local_files_only=True)
     torch.testing.assert_close(out.pooled, ref.encode(prompts, convert_to_tensor=True), atol=1e-5, rtol=0)
 
 
