@@ -235,3 +235,47 @@ def test_triplane_results_as_density_point_cloud_or_views(tmp_path):
         assert app.points is None and app.frame.max == 2 and "rodinhd view" in app.info.content
     finally:
         app.stop()
+
+
+class _Sway:
+    """A method's animator standing in for TeRA's: poses a result by shifting it sideways, frame t by 0.1 t."""
+
+    motions = ("sway",)
+
+    def __init__(self):
+        self.calls = []
+
+    def can_animate(self, result):
+        return (result.path / "avatar.safetensors").is_file()
+
+    def __call__(self, result, motion):
+        self.calls.append((result.name, motion))
+        from avatar_core.view import splats_from_ply
+
+        base = splats_from_ply(result.ply)
+        return [type(base)(base.centers + [0.1 * t, 0, 0], base.covariances, base.rgbs, base.opacities)
+                for t in range(5)]
+
+
+def test_animator_poses_results_on_demand(run_dir):
+    from avatar_core.io import save_tensors
+    from avatar_core.view.server import ViewerApp
+
+    gen = run_dir / "avatars" / "red_dress_s0"
+    save_tensors(gen / "avatar.safetensors", {"latent": torch.zeros(1)})
+    sway = _Sway()
+    app = ViewerApp(discover(run_dir), free_port(18780), animator=sway)
+    try:
+        assert "red_dress_s0** (splats, animatable)" in app.listing.content
+        assert "upper_clothes_blue** (splats):" in app.listing.content  # no latent beside it: not animatable
+        app._pick("avatars/red_dress_s0")
+        assert app.motion.visible and app.motion.options == ("sway",)
+        app.motion_job.join(timeout=30)
+        assert sway.calls == [("avatars/red_dress_s0", "sway")]
+        assert app.frame.max == 4 and app.frame.visible
+        app._show_frame(4)
+        assert np.isclose(app._motion_frames[4].centers.mean(0)[0], 0.4, atol=0.05)
+        app._pick("export")  # exported frames and the animator's motion side by side
+        assert app.motion.options == ("walk",)  # export has no latent: only its own frames
+    finally:
+        app.stop()

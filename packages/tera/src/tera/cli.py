@@ -80,6 +80,32 @@ def _evaluate(args):
     print(pipeline.format_report(report))
 
 
+class _Poser:
+    """``tera view``'s animator: a generated avatar (its ``avatar.safetensors``) decoded and posed by a built-in
+    motion with the run's models (Sec. 3.1), loaded once, on the first request."""
+
+    def __init__(self, args: argparse.Namespace):
+        from tera.animate import MOTIONS
+
+        self.args, self.motions, self._models = args, tuple(MOTIONS), None
+
+    def can_animate(self, result) -> bool:
+        return (result.path / "avatar.safetensors").is_file()
+
+    def __call__(self, result, motion: str):
+        from avatar_core.view import splats_from_tensors
+        from tera import animate as anim
+        from tera.avatars import decode, load_avatar, load_models
+
+        cfg = _config(self.args)
+        self._models = self._models or load_models(cfg, with_diffusion=False)
+        m = self._models
+        _, g = decode(m, load_avatar(result.path, m)[0])
+        f = anim.animate(m.avatar, g, anim.builtin_motion(m.avatar.body, motion, cfg.animate.frames).to(m.device))
+        return [splats_from_tensors(f.means[t], f.quats[t], f.scales[t], f.opacities[t], f.colors[t])
+                for t in range(len(f))]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, sub = make_parser("tera", DESCRIPTION, __version__)
 
@@ -129,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(its old files are deleted first); input folders are never written")
     for p in commands:  # after each command's own positionals: the overrides take what is left
         add_config_arguments(p)
-    add_view_command(sub, default_path="outputs/tera", what="TeRA avatars, edits (before / after), exported motions")
+    p = add_view_command(sub, default_path="outputs/tera", what="TeRA avatars (posed by the built-in motions), edits "
+                         "(before / after), exported frames, training curves", configure=lambda a: {"animator": _Poser(a)})
+    add_config_arguments(p)
     return parser
 
 

@@ -162,14 +162,15 @@ def _result_in(folder: Path, root: Path, skipped: list[str]) -> Result | None:
                   prompt=prompt if isinstance(prompt, str) else None, source=source, settings=settings)
 
 
-def _dataset(root: Path) -> list[Result]:
+def _dataset(folder: Path, root: Path) -> list[Result]:
     out = []
-    holder = root / "avatars" if (root / "avatars").is_dir() else root
+    holder = folder / "avatars" if (folder / "avatars").is_dir() else folder
     for folder in sorted(p for p in holder.iterdir() if p.is_dir() and (p / "attributes.json").is_file()):
         attrs = _read_json(folder / "attributes.json")
         views = _pngs(folder / "views")
         portrait = folder / "portrait.png"
-        out.append(Result(name=folder.name, path=folder, kind="dataset", views=views,
+        name = folder.name if holder in (root, root / "avatars") else folder.relative_to(root).as_posix()
+        out.append(Result(name=name, path=folder, kind="dataset", views=views,
                           reference=portrait if portrait.is_file() else None,
                           thumbnail=portrait if portrait.is_file() else (views[0] if views else None),
                           prompt=attrs.get("caption") if isinstance(attrs.get("caption"), str) else None,
@@ -200,16 +201,16 @@ def discover(path: str | os.PathLike) -> Found:
                                f"{'; '.join(LOOKED_FOR)}")
     results: list[Result] = []
     metrics: list[Path] = []
-    if (root / "meta.json").is_file():
-        results += _dataset(root)
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
         depth = len(here.relative_to(root).parts)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIP_DIRS and depth < MAX_DEPTH)
         if "metrics.jsonl" in files:
             metrics.append(here / "metrics.jsonl")
-        if "attributes.json" in files and any((d / "meta.json").is_file() for d in (here.parent, here.parent.parent)):
-            dirs[:] = []  # a dataset avatar, listed above
+        if "meta.json" in files and ((here / "avatars").is_dir() or any((here / d / "attributes.json").is_file()
+                                                                         for d in dirs)):
+            results += _dataset(here, root)  # a dataset (possibly inside a run): its avatars, not walked further
+            dirs[:] = []
             continue
         if here.name == "triplanes":  # a method's fitted triplanes, one file per avatar
             results += [Result(name=(here / f).relative_to(root).with_suffix("").as_posix(), path=here,

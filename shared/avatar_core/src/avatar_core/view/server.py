@@ -18,9 +18,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,10 +38,20 @@ from avatar_core.view.scene import (
     video_frames,
 )
 
-__all__ = ["free_port", "ViewerApp", "serve", "TriplaneFieldLoader"]
+__all__ = ["free_port", "ViewerApp", "serve", "TriplaneFieldLoader", "Animator"]
 
 #: Given a triplane file, a radiance field over world points (``rgb [N, 3], sigma [N]``) with an ``aabb``.
 TriplaneFieldLoader = Callable[[Path], Any]
+
+
+class Animator(Protocol):
+    """A method's posing of its results (TeRA, GaussianIP): the viewer asks for a motion's frames on demand."""
+
+    motions: Sequence[str]  # the built-in motions it offers
+
+    def can_animate(self, result: Result) -> bool: ...
+
+    def __call__(self, result: Result, motion: str) -> list[Splats]: ...
 
 FOV_DEG = 40.0
 FPS = 12.0
@@ -54,6 +64,8 @@ def free_port(port: int, host: str = "127.0.0.1", tries: int = 100) -> int:
         raise InputError(f"port {port} is out of range", "pass --port between 1024 and 65535")
     for p in range(port, min(port + tries, 65536)):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # As the server binds: a port left in TIME_WAIT by a viewer that just stopped is free, a listening one not.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, p))
             except OSError as err:
@@ -70,10 +82,15 @@ class ViewerApp:
     """The viewer's state and GUI over one :class:`Found` (see :mod:`avatar_core.view.discover`)."""
 
     def __init__(self, found: Found, port: int, host: str = "127.0.0.1",
-                 triplane_field: TriplaneFieldLoader | None = None, body: str | None = None):
+                 triplane_field: TriplaneFieldLoader | None = None, body: str | None = None,
+                 animator: Animator | None = None):
         import viser
 
-        self.found, self.triplane_field, self.body_name = found, triplane_field, body
+        self.found, self.triplane_field, self.body_name, self.animator = found, triplane_field, body, animator
+        self._motions: dict[str, list[Path] | None] = {}  # the current result's motions (None: not posed yet)
+        self._posed: dict[tuple[Path, str], list[Splats]] = {}
+        self.motion_job: threading.Thread | None = None
+        self._posing: set[tuple[Path, str]] = set()
         logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per browser connection otherwise
         with contextlib.redirect_stdout(io.StringIO()):  # viser prints its own banner; ours follows
             self.server = viser.ViserServer(host=host, port=port, verbose=False)
@@ -81,7 +98,7 @@ class ViewerApp:
         self._lock = threading.RLock()
         self._splat_cache: dict[Path, Splats] = {}
         self._clip: list[np.ndarray] = []
-        self._motion_frames: list[Path] = []
+        self._motion_frames: list[Path | Splats] = []
         self._current: Result | None = None
         self.points: tuple[np.ndarray, np.ndarray] | None = None  # the last triplane's extracted point cloud
         self._triplane_job: threading.Thread | None = None
@@ -137,7 +154,8 @@ class ViewerApp:
         lines = []
         for r in self.found.results[:200]:
             about = f": {r.prompt}" if r.prompt else ""
-            lines.append(f"- **{r.name}** ({r.kind}{', animatable' if r.animatable else ''}){about}")
+            moves = r.animatable or (self.animator is not None and r.kind == "splats" and self.animator.can_animate(r))
+            lines.append(f"- **{r.name}** ({r.kind}{', animatable' if moves else ''}){about}")
         if len(self.found.results) > 200:
             lines.append(f"- ... and {len(self.found.results) - 200} more (pick them in the list)")
         return "\n".join(lines)
@@ -238,8 +256,11 @@ class ViewerApp:
     def _setup_playback(self, res: Result, lo: np.ndarray, hi: np.ndarray) -> None:
         self._motion_frames, self._clip = [], []
         self._panel_lo_hi = (lo, hi)
-        if res.motions:
-            names = tuple(res.motions)
+        self._motions = dict(res.motions)
+        if self.animator is not None and res.kind == "splats" and self.animator.can_animate(res):
+            self._motions.update({m: None for m in self.animator.motions if m not in self._motions})
+        if self._motions:
+            names = tuple(self._motions)
             self.motion.options = names
             self.motion.value = names[0]
             self.motion.visible = True
@@ -249,8 +270,9 @@ class ViewerApp:
             clip = res.frames or (res.views if res.kind in ("dataset", "triplane", "clip") else [])
             if clip:
                 self._clip = [load_rgb(p) for p in clip]
-            elif res.kind == "clip" and res.videos:
-                self._clip = video_frames(res.videos[0])
+            elif res.videos:  # a clip, or a splat result's own video (its animation before its turntable)
+                moving = [v for v in res.videos if "turntable" not in v.name]
+                self._clip = video_frames((moving or res.videos)[0])
             self._set_range(len(self._clip))
         if res.reference is not None:
             ref = load_rgb(res.reference)
@@ -261,7 +283,7 @@ class ViewerApp:
                 self.server.scene.add_image("/reference", ref, w, h, position=(-0.6 - w / 2, 0.0, 0.0))
         self.reference.visible = res.reference is not None
         self.clip_image.visible = bool(self._clip)
-        self.playback.visible = bool(self._clip or self._motion_frames or res.reference is not None)
+        self.playback.visible = bool(self._clip or self._motions or res.reference is not None)
         if self._clip:
             self._show_frame(0)
             h = 1.0
@@ -277,17 +299,39 @@ class ViewerApp:
 
     def _set_motion(self, name: str) -> None:
         res = self._current
-        if res is None or name not in res.motions:
+        if res is None or name not in self._motions:
             return
-        self._motion_frames = res.motions[name]
+        frames = self._motions[name] or self._posed.get((res.path, name))
+        if frames is None:  # the method poses it: in the background, the slider appears when it is done
+            self._motion_frames = []
+            self._set_range(0)
+            if (res.path, name) in self._posing:
+                return
+            self._posing.add((res.path, name))
+            self.motion_job = threading.Thread(target=self._pose, args=(res, name), daemon=True)
+            self.motion_job.start()
+            return
+        self._motion_frames = list(frames)
         self._set_range(len(self._motion_frames))
         self._show_frame(0)
+
+    def _pose(self, res: Result, name: str) -> None:
+        try:
+            frames = self.animator(res, name)
+        except AvatarError as err:
+            self.info.content += f"\n\ncannot pose with {name}: {err}"
+            return
+        finally:
+            self._posing.discard((res.path, name))
+        self._posed[(res.path, name)] = frames
+        if self._current is res and self.motion.value == name:
+            self._set_motion(name)
 
     def _show_frame(self, t: int) -> None:
         with self._lock:
             if self._motion_frames:
-                s = self._splats(self._motion_frames[min(t, len(self._motion_frames) - 1)])
-                self._add_splats(s)
+                item = self._motion_frames[min(t, len(self._motion_frames) - 1)]
+                self._add_splats(item if isinstance(item, Splats) else self._splats(item))
             elif self._clip:
                 img = self._clip[min(t, len(self._clip) - 1)]
                 self.clip_image.image = img
@@ -367,7 +411,8 @@ class ViewerApp:
 
 
 def serve(path: str | Path, port: int = 8080, host: str = "127.0.0.1", block: bool = True,
-          triplane_field: TriplaneFieldLoader | None = None, body: str | None = None) -> ViewerApp:
+          triplane_field: TriplaneFieldLoader | None = None, body: str | None = None,
+          animator: Animator | None = None) -> ViewerApp:
     """Discover what is under ``path``, serve it and print the URL; with ``block`` wait until Ctrl-C."""
     t0 = time.perf_counter()
     found = discover(path)
@@ -375,7 +420,7 @@ def serve(path: str | Path, port: int = 8080, host: str = "127.0.0.1", block: bo
         seen = f" (skipped: {'; '.join(found.skipped[:3])})" if found.skipped else ""
         raise MissingFileError(f"nothing viewable under {found.root}{seen}",
                                f"the viewer looks for: {'; '.join(LOOKED_FOR)}")
-    app = ViewerApp(found, free_port(port, host), host, triplane_field=triplane_field, body=body)
+    app = ViewerApp(found, free_port(port, host), host, triplane_field=triplane_field, body=body, animator=animator)
     print(f"viewer on {app.url} ({len(found.results)} results, {len(found.metrics)} training logs from "
           f"{found.root}; ready in {time.perf_counter() - t0:.1f} s; Ctrl-C stops it)", flush=True)
     if block:
