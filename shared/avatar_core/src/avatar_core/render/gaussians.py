@@ -68,8 +68,9 @@ def rasterize_gaussians(
         ``height``, ``n_cameras``, ``n_batches`` and ``batch_ids`` / ``camera_ids`` /
         ``gaussian_ids`` = None (not packed), plus ``backend``. These are the keys that
         ``gsplat.strategy.DefaultStrategy`` reads, so it densifies and prunes with this meta on the
-        CPU as on CUDA (call it with ``packed=False``). ``MCMCStrategy`` reads no meta, but its
-        relocation and noise ops are gsplat CUDA kernels, so it runs on CUDA only.
+        CPU as on CUDA (call it with ``packed=False``). gsplat's ``MCMCStrategy`` reads no meta, but its
+        relocation and noise ops are CUDA kernels: on the CPU use
+        :class:`avatar_core.render.strategies.MCMCStrategy` (the same strategy with those ops in PyTorch).
     """
     C, N = _check_inputs(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
