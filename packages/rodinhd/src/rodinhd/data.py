@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from avatar_core.cameras import Cameras
@@ -135,14 +136,14 @@ def downsample_triplanes(
     resolution: int,
 ) -> Tensor:  # [N, 3, C, r, r]
     """Area-average each plane down to ``resolution`` (the base model's low-res targets, Sec. 3.2)."""
-    N, three, C, R, _ = planes.shape
+    R = planes.shape[-1]
     if resolution == R:
         return planes
     if resolution > R:
         raise InputError(f"base resolution {resolution} exceeds the fitted triplanes' {R}",
                          "set base.resolution <= triplane.resolution")
-    x = F.interpolate(planes.reshape(N * three, C, R, R), size=(resolution, resolution), mode="area")
-    return x.reshape(N, three, C, resolution, resolution)
+    x = F.interpolate(rearrange(planes, "n three c h w -> (n three) c h w"), size=(resolution, resolution), mode="area")
+    return rearrange(x, "(n three) c h w -> n three c h w", three=3)
 
 
 def _data_root(cfg: RodinHDConfig, out: Path) -> Path:

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from avatar_core.errors import InputError
@@ -63,10 +64,8 @@ class PlaneConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [B, Cin, H, 3W] -> [B, Cout, H', 3W']
         if not self.fold_planes:
             return self.conv(x)
-        B = x.shape[0]
-        p = rollout_to_planes(x)
-        y = self.conv(p.reshape(B * 3, *p.shape[2:]))
-        return planes_to_rollout(y.reshape(B, 3, *y.shape[1:]))
+        y = self.conv(rearrange(rollout_to_planes(x), "b three c h w -> (b three) c h w"))
+        return planes_to_rollout(rearrange(y, "(b three) c h w -> b three c h w", three=3))
 
 
 class Conv3DAware(nn.Module):
@@ -200,12 +199,11 @@ class AttentionBlock(nn.Module):
         self.num_heads = num_heads
 
     def forward(self, x: Tensor) -> Tensor:  # [B, C, H, 3W]
-        B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x).reshape(B, C, H * W))  # [B, 3C, N]
-        q, k, v = qkv.reshape(B, 3, self.num_heads, C // self.num_heads, H * W).unbind(1)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        out = out.transpose(-1, -2).reshape(B, C, H * W)
-        return x + self.proj(out).reshape(B, C, H, W)
+        H, W = x.shape[-2:]
+        qkv = self.qkv(rearrange(self.norm(x), "b c h w -> b c (h w)"))  # [B, 3C, N]
+        q, k, v = rearrange(qkv, "b (three nh d) n -> three b nh n d", three=3, nh=self.num_heads)
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b nh n d -> b (nh d) n")
+        return x + rearrange(self.proj(out), "b c (h w) -> b c h w", h=H, w=W)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -221,15 +219,13 @@ class CrossAttentionBlock(nn.Module):
         self.num_heads = num_heads
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:  # [B, C, H, 3W], [B, K, D] -> [B, C, H, 3W]
-        B, C, H, W = x.shape
-        nh = self.num_heads
-        q = self.q(self.norm(x).reshape(B, C, H * W).transpose(1, 2))  # [B, N, C]
+        H, W = x.shape[-2:]
+        heads = "b n (nh d) -> b nh n d"
+        q = self.q(rearrange(self.norm(x), "b c h w -> b (h w) c"))  # [B, N, C]
         k, v = self.kv(self.context_norm(context)).chunk(2, dim=-1)  # [B, K, C]
-        q = q.reshape(B, H * W, nh, C // nh).transpose(1, 2)
-        k = k.reshape(B, -1, nh, C // nh).transpose(1, 2)
-        v = v.reshape(B, -1, nh, C // nh).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
-        return x + self.proj(out).transpose(1, 2).reshape(B, C, H, W)
+        q, k, v = (rearrange(t, heads, nh=self.num_heads) for t in (q, k, v))
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b nh n d -> b n (nh d)")
+        return x + rearrange(self.proj(out), "b (h w) c -> b c h w", h=H, w=W)
 
 
 class AttentionPool(nn.Module):
