@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from avatar_core.errors import InputError
@@ -41,9 +42,10 @@ def sample_triplane(
     points = points.expand(B, -1, -1).to(planes.dtype)
     # One grid_sample call over all three planes: planes become batch items, coordinates are picked per plane.
     coords = torch.stack([points[..., list(ax)] for ax in TRIPLANE_AXES], dim=1)  # [B, 3, N, 2]
-    feats = F.grid_sample(planes.reshape(B * 3, C, H, W), coords.reshape(B * 3, 1, -1, 2), mode="bilinear",
-                          padding_mode=padding_mode, align_corners=align_corners)  # [B*3, C, 1, N]
-    feats = feats.reshape(B, 3, C, -1).permute(0, 3, 1, 2)  # [B, N, 3, C]
+    feats = F.grid_sample(rearrange(planes, "b p c h w -> (b p) c h w"),
+                          rearrange(coords, "b p n uv -> (b p) 1 n uv"), mode="bilinear",
+                          padding_mode=padding_mode, align_corners=align_corners)
+    feats = rearrange(feats, "(b p) c 1 n -> b n p c", p=3)
     if reduce == "none":
         return feats
     if reduce == "sum":
@@ -51,5 +53,5 @@ def sample_triplane(
     if reduce == "mean":
         return feats.mean(dim=2)
     if reduce == "concat":
-        return feats.reshape(B, feats.shape[1], 3 * C)
+        return rearrange(feats, "b n p c -> b n (p c)")
     raise InputError(f"unknown triplane reduction {reduce!r}", "use one of none, sum, mean, concat")
