@@ -101,6 +101,8 @@ def generate(cfg, prompt: str, face: str | Path | None = None, out: str | Path |
         raise InputError(f"unknown stage {stop_after!r}", f"use one of {STAGES}")
     set_threads(cfg)
     face_img = read_face(face, cfg)
+    if face_img is None and cfg.prior.kind == "paper":
+        raise InputError("the paper-scale prior needs a face photo", "pass --face IMG")
     run = Path(out) if out is not None else Path(cfg.run_dir) / result_name(prompt, cfg.seed, {"face": str(face)})
     if resume and run.is_dir() and (run / "settings.json").is_file():
         if (read_marker(run) or {}).get("kind") != KIND:
@@ -112,8 +114,6 @@ def generate(cfg, prompt: str, face: str | Path | None = None, out: str | Path |
     if face_img is None and cfg.prior.kind == "embedded":
         face = default_face(cfg)
         face_img = read_face(face, cfg)
-    if face_img is None:
-        raise InputError("the paper-scale prior needs a face photo", "pass --face IMG")
     identity = prior.face_identity(face_img)
     if not (resume and (run / "settings.json").is_file()):
         prepare_result_dir(run, KIND, overwrite, inputs=[face])
