@@ -290,6 +290,8 @@ def fit_teacher(cfg: TeraConfig, progress: bool = True, create_dataset: bool = F
     features aside to ``<teacher>.old-<time>`` and fits every avatar again)."""
     start = time.perf_counter()
     t = cfg.teacher
+    if t.source not in ("fit", "idol"):  # before the dataset is written (create_dataset)
+        raise ConfigError(f"teacher.source={t.source!r}", "use 'fit' (own teacher) or 'idol' (features on disk)")
     standins = resolve_standins(cfg, ("body", "teacher") if t.source == "idol" else ("body", "perceptual", "teacher"))
     # (the paper's files or the allowed stand-ins, checked before any work)
     store = TeacherFeatureStore(run_paths(cfg).teacher, t.channels)
@@ -303,8 +305,6 @@ def fit_teacher(cfg: TeraConfig, progress: bool = True, create_dataset: bool = F
                 f"export IDOL's UV features as {store.root}/<avatar_id>.safetensors (key 'uv_features', "
                 f"[{t.channels}, H, W]) or set teacher.source=fit")
         return {"source": "idol", "avatars": len(ds), "seconds": time.perf_counter() - start}
-    if t.source != "fit":
-        raise ConfigError(f"teacher.source={t.source!r}", "use 'fit' (own teacher) or 'idol' (features on disk)")
     with run_lock(store.root):  # one fit per folder
         if restart:
             move_aside(store.root)
