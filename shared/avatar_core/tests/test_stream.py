@@ -126,6 +126,10 @@ def test_two_processes_see_disjoint_shards_covering_an_epoch(tmp_path):
     for epoch in ("0", "1"):
         a, b = (set(r["seen"][epoch]) for r in ranks)
         assert not a & b and a | b == set(folder.ids())
+    # The cache both built: disjoint shares computed, every item readable by both, the unreadable one known to both.
+    assert ranks[0]["readable"] == ranks[1]["readable"] == [i for i in folder.ids() if i != "000003"]
+    assert all(r["built"]["failed"] == ["000003"] for r in ranks)
+    assert sum(r["built"]["computed"] for r in ranks) == N - 1
     # Together the two processes see exactly the one-process epoch's global batches.
     one = StreamLoader(StreamDataset(folder.ids(), [RecordField(folder)]), BATCH, 3, rank=0, world_size=1)
     for k, batch in enumerate(one(0)):

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from avatar_core.data.stream import RecordField, RecordFolder
 from avatar_core.errors import CorruptFileError, InputError, MissingFileError
 from avatar_core.io import load_json, save_json
 from avatar_core.io.tensors import METADATA_KEY
+from avatar_core.train.sharding import process_shard
 
 log = logging.getLogger(__name__)
 
@@ -113,24 +115,34 @@ class FeatureCache:
         """A :class:`~avatar_core.data.stream.StreamDataset` field reading this cache."""
         return RecordField(self.folder, keys)
 
-    def build(self, ids: Sequence[str], compute: Compute, batch_size: int = 16, progress: bool = False,
-              rank: int = 0, world_size: int = 1) -> dict[str, int]:
-        """Compute the features of every item of ``ids`` (this process's ``rank::world_size`` share) that has no
-        valid entry. ``compute(item_ids) -> [features dict per item]`` runs on batches of ``batch_size``; it gives
-        None for an item it could not read (a caller that skips bad items), which is then left out.
+    def _failed_marker(self, item_id: str) -> Path:
+        return self.folder.root / f".{item_id}.failed"
 
-        Returns counts: ``computed`` (new), ``rebuilt`` (truncated / foreign entries replaced), ``reused``, and
-        ``failed``: the ids compute gave None for.
+    def build(self, ids: Sequence[str], compute: Compute, batch_size: int = 16, progress: bool = False,
+              rank: int | None = None, world_size: int | None = None, timeout_s: float = 86400.0) -> dict[str, Any]:
+        """Compute the features of every item of ``ids`` that has no valid entry. ``compute(item_ids) -> [features
+        dict per item]`` runs on batches of ``batch_size``; it gives None for an item it could not read (a caller
+        that skips bad items), which is then left out.
+
+        Under several processes (``rank``/``world_size``, default :func:`~avatar_core.train.sharding.process_shard`)
+        each computes its ``rank::world_size`` share, then waits, by the files on the shared filesystem, until every
+        item is written or marked unreadable by its process: afterwards every process may read any item.
+
+        Returns counts of this process's share: ``computed`` (new), ``rebuilt`` (truncated / foreign entries
+        replaced), ``reused``, and ``failed``: every id (of all processes) that could not be computed.
         """
         if batch_size < 1:
             raise InputError(f"batch_size={batch_size}", "use at least 1")
-        mine = [str(i) for i in ids][rank::world_size]
+        rank, world_size = process_shard(rank, world_size)
+        all_ids = [str(i) for i in ids]
+        mine = all_ids[rank::world_size]
         if rank == 0:
             self._write_identity()
         todo, rebuilt = [], 0
         for i in mine:
             if self.valid(i):
                 continue
+            self._failed_marker(i).unlink(missing_ok=True)  # a marker of an earlier run: this run tries again
             if self.folder.exists(i):
                 log.warning("cached %s of item %s is truncated or stale; rebuilding it", self.name, i)
                 rebuilt += 1
@@ -146,12 +158,30 @@ class FeatureCache:
             for i, f in zip(chunk, feats):
                 if f is None:
                     failed.append(i)
+                    save_json(self._failed_marker(i), {"item": i})
                     continue
                 self.put(i, {k: v.detach().cpu() for k, v in f.items()})
+                self._failed_marker(i).unlink(missing_ok=True)
             bar.update(len(chunk))
         bar.close()
-        return {"computed": len(todo) - rebuilt - len(failed), "rebuilt": rebuilt, "reused": len(mine) - len(todo),
-                "failed": failed}
+        counts = {"computed": len(todo) - rebuilt - len(failed), "rebuilt": rebuilt, "reused": len(mine) - len(todo)}
+        if world_size > 1:
+            failed = self._wait_for_others(all_ids, set(mine), timeout_s)
+        return {**counts, "failed": failed}
+
+    def _wait_for_others(self, ids: list[str], mine: set[str], timeout_s: float) -> list[str]:
+        """Poll until every item of the other processes' shares is valid or marked failed; all failed ids."""
+        deadline = time.monotonic() + timeout_s
+        pending = [i for i in ids if i not in mine]
+        while True:
+            pending = [i for i in pending if not (self.valid(i) or self._failed_marker(i).is_file())]
+            if not pending:
+                return [i for i in ids if self._failed_marker(i).is_file() and not self.valid(i)]
+            if time.monotonic() > deadline:
+                raise MissingFileError(f"{len(pending)} cached {self.name} entries (e.g. {pending[0]}) were not "
+                                       f"written by the other processes within {timeout_s:.0f} s",
+                                       "check that every process runs and sees the same shared filesystem")
+            time.sleep(1.0)
 
     def _write_identity(self) -> None:
         path = self.dir / "identity.json"
