@@ -134,14 +134,9 @@ def test_two_runs_of_one_config_give_bit_identical_checkpoints(run, tmp_path):
         torch.rand(7)  # unrelated draws from the global RNG must not change the weights
         P.train(_stage2_cfg(run, tmp_path, name, "diffusion.train.max_steps=2"), progress=False)
         ck = list_checkpoints(tmp_path / name / "diffusion")[-1]
-        files.append({f: (ck / f).read_bytes() for f in ("model.safetensors", "ema.safetensors") if (ck / f).is_file()})
-        files[-1]["optimizer"] = torch.load(ck / "optimizer.pt", weights_only=True)["state"]
-    assert files[0].keys() == files[1].keys() and "model.safetensors" in files[0]
-    for key in ("model.safetensors", "ema.safetensors"):
-        assert files[0].get(key) == files[1].get(key), key  # byte for byte
-    for i, state in files[0]["optimizer"].items():
-        for k, v in state.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(files[1]["optimizer"][i][k])), (i, k)
+        files.append({f: (ck / f).read_bytes() for f in ("model.safetensors", "ema.safetensors", "optimizer.pt")
+                      if (ck / f).is_file()})
+    assert files[0] == files[1] and {"model.safetensors", "optimizer.pt"} <= files[0].keys()  # byte for byte
 
 
 def test_a_live_run_holds_its_folder(run, tmp_path):

@@ -195,7 +195,7 @@ def test_models_built_by_the_trainer_are_seeded_so_runs_are_bit_identical(tmp_pa
                     lambda p: torch.optim.Adam(p, lr=1e-2), _step, DataLoader(_dataset(), batch_size=BATCH, shuffle=True))
         t.train()
         ck = list_checkpoints(tmp_path / name)[-1]
-        return {f: (ck / f).read_bytes() for f in ("model.safetensors", "ema.safetensors")}
+        return {f: (ck / f).read_bytes() for f in ("model.safetensors", "ema.safetensors", "optimizer.pt")}
 
     assert run("a") == run("b")
     # The helper packages call themselves: same weights for one seed, and the caller's stream is not shifted.

@@ -31,6 +31,7 @@ explicit allow-list.
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import logging
@@ -357,8 +358,12 @@ class Trainer:
 
     @staticmethod
     def _torch_save(path: Path, obj: Any) -> None:
+        # Serialised in memory: torch.save names the zip records after the file it writes, and the atomic write's
+        # temporary name is random, so writing to it directly would make identical states differ in bytes.
+        buf = io.BytesIO()
+        torch.save(obj, buf)
         with atomic_write(path) as tmp:
-            torch.save(obj, tmp)
+            tmp.write_bytes(buf.getvalue())
 
     def load_checkpoint(self, path: str | os.PathLike, allow_config_change: bool = False) -> None:
         """Restore everything :meth:`save_checkpoint` wrote, including this process's RNG states."""
