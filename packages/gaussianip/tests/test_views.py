@@ -52,3 +52,20 @@ def test_view_prompts():
     assert view_direction(torch.tensor([0.0, 90.0, 180.0, -170.0, -30.0])) == ["front", "side", "back", "back", "front"]
     vb = ViewBatch(None, torch.tensor([0.0, 180.0]), torch.zeros(2), "head")
     assert view_prompts("a man", vb) == ["the face of a man, front view", "a man, back view"]
+
+
+def test_cropped_skeleton_is_drawn_without_the_hidden_joints():
+    from avatar_core.render.conditions import openpose_image
+
+    a = torch.tensor([180.0], dtype=torch.float64)
+    eye = spherical_to_position(a, torch.zeros(1, dtype=torch.float64), torch.tensor([3.0], dtype=torch.float64),
+                                torch.zeros(1, 3, dtype=torch.float64))
+    cams = Cameras.from_fov(look_at(eye, torch.zeros(1, 3, dtype=torch.float64)).float(), 50.0, 128, 128)
+    kp = _keypoints()
+    px, z = cams.project(kp[None])
+    vis = skeleton_visibility(px, z, a.float(), "full", 128, 128)
+    img, _, shown = openpose_image(None, None, cams, occlusion=False, keypoints=kp, visibility=vis)
+    assert torch.equal(shown, vis)
+    assert not shown[0, KP["nose"]] and img.abs().sum() > 0  # the back view: a skeleton, but no nose
+    none, _, _ = openpose_image(None, None, cams, occlusion=False, keypoints=kp, visibility=torch.zeros_like(vis))
+    assert none.abs().sum() == 0
