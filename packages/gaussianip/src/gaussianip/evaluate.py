@@ -195,6 +195,13 @@ def evaluate(cfg, out: str | Path, overwrite: bool = False, probe_steps: int = 3
             report["identity"] = {"input_face": round(same, 3), "random_faces_mean": round(sum(others) / len(others), 3),
                                   "random_faces": len(others)}
             report["generate_timings_s"] = {k: round(v, 1) for k, v in res["timings"].items()}
+            face_fn = getattr(prior, "face_fn", None)
+            if face_fn is not None:  # paper scale with insightface: the paper's Face++-style check, as a cosine
+                big, _ = result_views(params, frame, c.stage1.background, size=512)
+                e_in, _ = face_fn(load_image(face))
+                e_out, _ = face_fn(big[0].permute(1, 2, 0))
+                report["identity"]["arcface_cosine"] = round(float(torch.nn.functional.cosine_similarity(
+                    e_in[None], e_out[None])), 3)
     report["vcr_consistency"] = cons
     save_json(out / "report.json", report)
     return report
