@@ -179,3 +179,12 @@ def test_texture_edit_changes_only_the_region(mapper, avatar):
     torch.testing.assert_close(edited[:, ATTRIBUTE_SLICES["offset"]], maps[:, ATTRIBUTE_SLICES["offset"]])
     with pytest.raises(InputError, match="upper_body"):
         edit_texture(maps, mapper, "shirt", color=(0.0, 1.0, 0.0))
+
+
+def test_texture_edit_regions_are_the_try_on_regions(mapper):
+    """Texture edits name regions as try-on does: 'upper_clothes' is upper_body + arms, '+' joins names."""
+    maps = attributes_from_texture(torch.rand(R, R, 3, generator=torch.Generator().manual_seed(3)))
+    one = edit_texture(maps, mapper, "upper_clothes", color=(1.0, 0.0, 0.0))
+    parts = edit_texture(maps, mapper, ["upper_body", "arms"], color=(1.0, 0.0, 0.0))
+    joined = edit_texture(maps, mapper, "upper_body+arms", color=(1.0, 0.0, 0.0))
+    assert torch.equal(one, parts) and torch.equal(one, joined) and not torch.equal(one, maps)

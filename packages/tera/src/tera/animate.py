@@ -22,6 +22,7 @@ from avatar_core.body.motions import MOTIONS, builtin_motion  # the kernel's mot
 from avatar_core.cameras import Cameras
 from avatar_core.errors import InputError
 from avatar_core.rotations import nearest_rotation, rotate_quaternions
+from tera.edit import region_parts
 from tera.uv_gaussians import ATTRIBUTE_SLICES, GaussianBatch, UVGaussianAvatar, resize_mask
 
 # --------------------------------------------------------------------------------------------------
@@ -102,19 +103,14 @@ def render_frames(
 
 
 def region_mask(uv_mapper: UVMapper, region: str | Sequence[str] | Tensor, resolution: int) -> Tensor:  # [R, R]
-    """A UV region as a boolean mask at ``resolution``: part names (``UVMapper.part_masks``) or a mask."""
+    """A UV region as a boolean mask at ``resolution``: region names (body parts or try-on regions, parsed by
+    :func:`tera.edit.region_parts`, e.g. ``"upper_clothes+shoes"``) or a square mask."""
     if isinstance(region, Tensor):
         if region.dim() != 2 or region.shape[0] != region.shape[1]:
             raise InputError(f"a region mask must be square [R, R], got {tuple(region.shape)}", "pass a UV mask")
         return resize_mask(region.bool().cpu(), resolution)
-    names = [region] if isinstance(region, str) else list(region)
-    parts = uv_mapper.part_masks()
-    unknown = [n for n in names if n not in parts]
-    if unknown or not names:
-        raise InputError(f"unknown body region(s) {unknown or names}", f"use one or more of: {', '.join(parts)}")
-    mask = torch.zeros_like(parts[names[0]])
-    for n in names:
-        mask |= parts[n]
+    masks = uv_mapper.part_masks()
+    mask = torch.stack([masks[p].bool() for p in region_parts(region)]).any(0)
     return resize_mask(mask, resolution)
 
 
