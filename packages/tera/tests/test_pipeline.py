@@ -67,6 +67,8 @@ def test_tiny_run_records_its_standins_and_streams_its_latents(run):
     assert len(index["ids"]) == cfg.data.num and all((Path(index["folder"]) / f"{a}.safetensors").is_file()
                                                      for a in index["ids"])
     assert not (paths.distill / "latents.safetensors").exists()
+    settings = json.loads(Path(run[2]["files"]["settings"]).read_text())  # a generated avatar names them too
+    assert settings["standins"]["diffusion"] == ["minilm_text"]
 
 
 def test_edit_keeps_outside_and_source(run, tmp_path):

@@ -23,6 +23,7 @@ from tera.latent_diffusion import StructuredLatentDiffusion
 from tera.runs import build_avatar
 from tera.stage1 import load_decoder
 from tera.stage2 import load_model
+from tera.standins import trained_standins
 from tera.uv_gaussians import ATTRIBUTE_SLICES, GaussianBatch, UVGaussianAvatar
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def write_avatar(cfg: TeraConfig, models: Models, latent: Tensor, out_dir: Path,
             n = cfg.generate.turntable_frames
             frames, _ = models.avatar.render(g, turntable_cameras(cfg, n, centre), tuple(cfg.data.background))
             files["turntable"] = str(write_video(out_dir / "turntable.mp4", frames[0].cpu(), fps=cfg.generate.fps))
-    settings = {**meta, "files": files, "config": config_to_dict(cfg)}
+    settings = {**meta, "files": files, "config": config_to_dict(cfg), "standins": trained_standins(cfg)}
     files["settings"] = str(save_json(out_dir / "settings.json", settings))
     return {"dir": str(out_dir), "files": files, "maps": maps, "gaussians": g}
 

@@ -8,6 +8,7 @@ files it needs. ``$AVATAR_SMPLX_DIR``, when it supplies the SMPL-X folder, is re
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +19,9 @@ from avatar_core.io import save_json
 from avatar_core.perceptual import STANDIN as PERCEPTUAL_STANDIN
 from avatar_core.standins import Component, Requirement, StandIn, StandInRecord, registry_source, resolve
 from tera.config import TeraConfig
+from tera.runs import run_paths
 
-__all__ = ["ANNY_BODY", "FITTED_TEACHER", "MINILM_TEXT", "resolve_standins"]
+__all__ = ["ANNY_BODY", "FITTED_TEACHER", "MINILM_TEXT", "resolve_standins", "trained_standins"]
 
 ANNY_BODY = StandIn("anny_body", "the SMPL-X body (body.name: smplx)", "the embedded Anny body model")
 MINILM_TEXT = StandIn("minilm_text", "the CLIP ViT-L/14 text encoder (text.encoder: clip)",
@@ -64,3 +66,15 @@ def resolve_standins(cfg: TeraConfig, parts: Sequence[str] = ("body", "text", "p
     if run_dir is not None:
         save_json(Path(run_dir) / "standins.json", record.settings())
     return record
+
+
+def trained_standins(cfg: TeraConfig) -> dict[str, list[str]]:
+    """The stand-ins each training stage of the run recorded (``standins.json`` of teacher, distill, diffusion):
+    what a generated avatar's settings name as the networks it was made with."""
+    paths = run_paths(cfg)
+    out = {}
+    for stage, folder in (("teacher", paths.teacher), ("distill", paths.distill), ("diffusion", paths.diffusion)):
+        f = Path(folder) / "standins.json"
+        if f.is_file():
+            out[stage] = [s["name"] for s in json.loads(f.read_text(encoding="utf-8"))["standins"]]
+    return out
