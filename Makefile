@@ -12,7 +12,7 @@ CONFIG ?= tiny
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test demo bench lint train-rodinhd train-tera train-gaussianip clean
+.PHONY: setup test demo bench lint train-rodinhd train-tera train-gaussianip train-gas clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,18 @@ train-tera: setup
 train-gaussianip: setup
 	$(BIN)/gaussianip train-prior --config $(CONFIG) --overwrite
 	$(BIN)/gaussianip generate --config $(CONFIG) --prompt "a woman in a red dress" --out outputs/gaussianip/$(CONFIG)-result --overwrite
+
+# GAS: stage 1 (human NeRF) and stage 2 (video model) on synthetic clips, held-out metrics, then a novel-view orbit
+# and a novel-pose clip of a held-out person from one image + parameters file (CONFIG=paper: SVD-xt-1.1 from a
+# local folder, see packages/gas/README.md).
+GAS_OUT = outputs/gas-$(CONFIG)
+train-gas: setup
+	$(BIN)/gas train-nerf --config $(CONFIG) --run $(GAS_OUT)
+	$(BIN)/gas train-video --config $(CONFIG) --run $(GAS_OUT)
+	$(BIN)/gas evaluate --config $(CONFIG) --run $(GAS_OUT)
+	$(BIN)/gas reference --config $(CONFIG) --run $(GAS_OUT) --out $(GAS_OUT)/input/person.png --overwrite
+	$(BIN)/gas novel-view --config $(CONFIG) --run $(GAS_OUT) --image $(GAS_OUT)/input/person.png --out $(GAS_OUT)/novel_view --overwrite
+	$(BIN)/gas novel-pose --config $(CONFIG) --run $(GAS_OUT) --image $(GAS_OUT)/input/person.png --motion walk --out $(GAS_OUT)/novel_pose --overwrite
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -58,6 +58,13 @@ def _novel_pose(args):
     print(json.dumps(r, indent=1))
 
 
+def _reference(args):
+    from gas.pipeline import export_held_out
+
+    image, params = export_held_out(_cfg(args), args.out, args.clip, args.overwrite)
+    print(f"input written: {image} and {params}")
+
+
 def _evaluate(args):
     from gas.pipeline import evaluate
 
@@ -96,6 +103,13 @@ def build_parser():
         p.add_argument("--overwrite", action="store_true", help="replace an existing result in --out")
         p.add_argument("--nerf-only", action="store_true", help="only the stage-1 renders (no video model)")
         p.set_defaults(func=fn)
+
+    p = commands.add_parser("reference", help="write a held-out synthetic person as an input (image + parameters)")
+    _common(p)
+    p.add_argument("--out", required=True, help="image path; the parameters go beside it with .json")
+    p.add_argument("--clip", type=int, default=0, help="which held-out avatar")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.set_defaults(func=_reference)
 
     p = commands.add_parser("evaluate", help="PSNR / SSIM / flicker on the held-out clips")
     _common(p)

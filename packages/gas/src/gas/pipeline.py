@@ -99,6 +99,26 @@ def novel_pose(cfg: Any, image: str, motion: str, out: str, params: str | None =
                 progress)
 
 
+def export_held_out(cfg: Any, out: str, index: int = 0, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write the reference image + parameters file of held-out view clip ``index`` (an input for novel-view/-pose)."""
+    from avatar_core.data.clips import load_clip
+    from avatar_core.results import check_result_file
+    from gas.nerf_training import body_for
+    from gas.reference import export_reference, params_path_for
+
+    out_p = Path(out)
+    check_result_file(out_p, overwrite)
+    check_result_file(params_path_for(out_p), overwrite)
+    _, held = split(cfg, ensure_clips(cfg, progress=False), kind="view")
+    if not 0 <= index < len(held):
+        raise InputError(f"held-out clip {index} does not exist ({len(held)} held-out view clips)",
+                         f"pass --clip between 0 and {len(held) - 1}")
+    clip = load_clip(held[index])
+    out_p.parent.mkdir(parents=True, exist_ok=True)
+    return export_reference(out_p, clip.ref_rgba, clip.ref_camera, body_for(cfg), clip.shape, clip.ref_pose,
+                            clip.transl[0])
+
+
 def clip_reference(clip) -> Reference:
     return Reference(clip.ref_rgba, clip.ref_camera, clip.shape, clip.ref_pose, torch.zeros(3), clip.transl[0],
                      f"clip avatar {clip.avatar}")
@@ -136,7 +156,16 @@ def evaluate(name: str, overrides: list[str] | tuple[str, ...] = (), variants: t
             verts = body.forward(shape=clip.shape[None], pose=clip.pose, global_orient=clip.global_orient,
                                  transl=clip.transl).vertices
         flicker_true = float(evaluation.warp_error(truth, body, verts, clip.cameras))
-        nerf_frames = None
+        if variants:  # the tiny VAE's reconstruction of the truth: the ceiling of every video variant
+            from gas.svd_parts import decode, vae_latents
+
+            vparts = next(m for m in models.values() if m is not None)[1]
+            with torch.no_grad():
+                rec = decode(vparts, vae_latents(vparts, truth[None]))[0]
+            rows.append({"clip": p.name, "task": kind_of(p), "method": "vae_reconstruction",
+                         **evaluation.image_metrics(rec, truth, perceptual),
+                         "flicker": float(evaluation.warp_error(rec, body, verts, clip.cameras)),
+                         "flicker_true": flicker_true})
         for method, m in models.items():
             vcfg, parts = (base, None) if m is None else m
             t0 = time.perf_counter()
@@ -144,7 +173,6 @@ def evaluate(name: str, overrides: list[str] | tuple[str, ...] = (), variants: t
                                        bool(vcfg.video.conditioning.nerf), bool(vcfg.video.conditioning.normal),
                                        bool(vcfg.video.conditioning.switcher), progress=False)
             pred = res["nerf"] if parts is None else res["frames"]
-            nerf_frames = res["nerf"] if nerf_frames is None else nerf_frames
             row = {"clip": p.name, "task": kind_of(p), "method": method,
                    **evaluation.image_metrics(pred, truth, perceptual),
                    "flicker": float(evaluation.warp_error(pred, body, verts, clip.cameras)),
