@@ -48,23 +48,34 @@ def compute_relocation(
     return new_opacities, (opacities / denom)[:, None] * scales
 
 
+def _split_drawn(params, opacities: Tensor, sampled: Tensor, binoms: Tensor, min_opacity: float):
+    """Eq. 9 for the drawn Gaussians (each shared by itself and its copies): ``write(name, p)`` stores the new
+    opacity / scale logits into ``p`` at the drawn indices."""
+    eps = torch.finfo(torch.float32).eps
+    new_o, new_s = compute_relocation(opacities[sampled], torch.exp(params["scales"])[sampled],
+                                      torch.bincount(sampled)[sampled] + 1, binoms)
+    new_o = torch.clamp(new_o, max=1.0 - eps, min=min_opacity)
+
+    def write(name: str, p: Tensor) -> None:
+        if name == "opacities":
+            p[sampled] = torch.logit(new_o)
+        elif name == "scales":
+            p[sampled] = torch.log(new_s)
+
+    return write
+
+
 @torch.no_grad()
 def _relocate(params, optimizers, mask: Tensor, binoms: Tensor, min_opacity: float) -> None:
     """Move the Gaussians of ``mask`` (dead) onto live ones drawn by opacity; the drawn ones are split (Eq. 9)."""
     opacities = torch.sigmoid(params["opacities"])
     dead = mask.nonzero(as_tuple=True)[0]
     alive = (~mask).nonzero(as_tuple=True)[0]
-    eps = torch.finfo(torch.float32).eps
     sampled = alive[_multinomial_sample(opacities[alive].flatten(), len(dead), replacement=True)]
-    new_o, new_s = compute_relocation(opacities[sampled], torch.exp(params["scales"])[sampled],
-                                      torch.bincount(sampled)[sampled] + 1, binoms)
-    new_o = torch.clamp(new_o, max=1.0 - eps, min=min_opacity)
+    write = _split_drawn(params, opacities, sampled, binoms, min_opacity)
 
     def param_fn(name: str, p: Tensor) -> Tensor:
-        if name == "opacities":
-            p[sampled] = torch.logit(new_o)
-        elif name == "scales":
-            p[sampled] = torch.log(new_s)
+        write(name, p)
         p[dead] = p[sampled]
         return torch.nn.Parameter(p, requires_grad=p.requires_grad)
 
@@ -79,17 +90,11 @@ def _relocate(params, optimizers, mask: Tensor, binoms: Tensor, min_opacity: flo
 def _sample_add(params, optimizers, n: int, binoms: Tensor, min_opacity: float) -> None:
     """Add ``n`` Gaussians as copies of ones drawn by opacity, each drawn one split with its copies (Eq. 9)."""
     opacities = torch.sigmoid(params["opacities"])
-    eps = torch.finfo(torch.float32).eps
     sampled = _multinomial_sample(opacities.flatten(), n, replacement=True)
-    new_o, new_s = compute_relocation(opacities[sampled], torch.exp(params["scales"])[sampled],
-                                      torch.bincount(sampled)[sampled] + 1, binoms)
-    new_o = torch.clamp(new_o, max=1.0 - eps, min=min_opacity)
+    write = _split_drawn(params, opacities, sampled, binoms, min_opacity)
 
     def param_fn(name: str, p: Tensor) -> Tensor:
-        if name == "opacities":
-            p[sampled] = torch.logit(new_o)
-        elif name == "scales":
-            p[sampled] = torch.log(new_s)
+        write(name, p)
         return torch.nn.Parameter(torch.cat([p, p[sampled]]), requires_grad=p.requires_grad)
 
     def optimizer_fn(key: str, v: Tensor) -> Tensor:
