@@ -6,7 +6,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 PACKAGES := tera gaussianip rodinhd gas
 SETUP_INPUTS := Makefile pyproject.toml shared/avatar_core/pyproject.toml $(foreach p,$(PACKAGES),packages/$(p)/pyproject.toml)
-PYTEST_ARGS ?= -n auto --dist loadfile
+# `make test` runs one xdist worker per core; PYTEST_ARGS adds to these (e.g. PYTEST_ARGS="-k tera -x").
+PYTEST_DEFAULTS := -n auto --dist loadfile
+PYTEST_ARGS ?=
+# Where pip finds torch: empty uses pip's configuration (the CUDA build on a stock machine); a CPU-only machine
+# can say TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU wheel (README, "Install").
+TORCH_INDEX ?=
 CONFIG ?= tiny
 
 export HF_HUB_OFFLINE := 1
@@ -19,8 +24,8 @@ setup: $(STAMP)
 $(STAMP): $(SETUP_INPUTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	# The pinned torch first: on a CPU-only machine it is the CPU wheel, elsewhere the CUDA one.
-	$(BIN)/pip install torch==2.13.0
+	# The pinned torch first, from TORCH_INDEX when given (the CPU wheel index on a CPU-only machine).
+	$(BIN)/pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install $(foreach p,$(PACKAGES),-e packages/$(p)) "./shared/avatar_core[dev]"
 	# The packages pull the kernel in as a copy; replace it by an editable install of this checkout.
 	$(BIN)/pip install --no-deps -e shared/avatar_core
@@ -30,7 +35,7 @@ $(STAMP): $(SETUP_INPUTS)
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_DEFAULTS) $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python tools/demo.py --out outputs/demo
@@ -47,12 +52,13 @@ train-rodinhd: setup
 	$(BIN)/rodinhd train-all --config $(CONFIG) --out outputs/rodinhd-$(CONFIG)
 
 # TeRA's tiny pipeline on the synthetic dataset (CONFIG=paper for the paper's settings and your own data).
+# The dataset step follows the config: tiny writes its synthetic dataset when missing (data.synthetic: true);
+# paper reads your dataset at data.root and never generates one.
 train-tera: setup
-	$(BIN)/avatar-core make-dataset --out outputs/tera/dataset --num 16 --views 8 --res 64 --uv-res 128 --seed 0
-	$(BIN)/tera fit-teacher --config packages/tera/configs/$(CONFIG).yaml
-	$(BIN)/tera distill --config packages/tera/configs/$(CONFIG).yaml
-	$(BIN)/tera train --config packages/tera/configs/$(CONFIG).yaml
-	$(BIN)/tera generate --config packages/tera/configs/$(CONFIG).yaml "a woman in a red dress"
+	$(BIN)/tera fit-teacher --config $(CONFIG) --make-dataset
+	$(BIN)/tera distill --config $(CONFIG)
+	$(BIN)/tera train --config $(CONFIG)
+	$(BIN)/tera generate --config $(CONFIG) "a woman in a red dress"
 
 # GaussianIP: train the embedded prior on synthetic avatars, then generate from a held-out face and a prompt
 # (CONFIG=paper for the paper's settings with pretrained weights from local folders; the prompt and face as you like).

@@ -110,6 +110,15 @@ def test_bad_inputs_fail_clearly_and_lose_nothing(run, tmp_path):
     assert main(["generate", "", "--config", str(CONFIG_DIR / "tiny.yaml"), f"run_dir={cfg.run_dir}"]) == 2
 
 
+def test_dataset_step_follows_the_config(tmp_path):
+    """A config naming the user's own data never writes a synthetic dataset (`make train-tera CONFIG=paper`)."""
+    own = load_config("tiny", ["data.synthetic=false", f"data.root={tmp_path / 'mine'}"])
+    with pytest.raises(MissingFileError, match="your own data"):
+        P.load_dataset(own, create=True)
+    assert not (tmp_path / "mine").exists()
+    assert load_config("paper").data.synthetic is False and load_config("tiny").data.synthetic is True
+
+
 def test_configs():
     """The networks configs/paper.yaml builds, built the way the stages build them (on the meta device: no memory),
     run on the paper's latent: a 32 x 256^2 UV latent (IDOL's 32 channels) -> 13 attribute maps at 1024^2 through

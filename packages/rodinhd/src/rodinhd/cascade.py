@@ -383,15 +383,15 @@ class UpsampleDiffusion(_Conditioned):
         tokenizer: a :class:`PortraitTokenizer` over the H/2 features only (the 128^2 map at 256^2 portraits).
         context_resolutions: the UNet resolution reading the tokens: its middle resolution ((128,)).
         num_steps: 100. schedule: ``rodin_sigmoid`` (sigmoid(0, 3, 0.1)). sample_steps: 10 (DDPM).
-        cond_drop_prob: 0.2. guidance_scale: 1.3 (the notes give one scale for sampling).
+        cond_drop_prob: 0.2. guidance_scale: 1.3 (the authors' code uses one scale for sampling).
         variance_type: reverse-step variance of the x0 model: ``fixed_large`` (improved-diffusion's default
             without learned sigma) or ``fixed_small``.
         aug_schedule, aug_max_train, aug_sample: conditional noise augmentation (Ho et al. 2022, CDM): the
             upsampled condition is noised as sqrt(ab) x + sqrt(1 - ab) n with ab = aug_schedule's alpha_bar(s);
-            s ~ U[0, aug_max_train] in training, s = aug_sample at sampling. Neither the paper nor the notes give
+            s ~ U[0, aug_max_train] in training, s = aug_sample at sampling. Neither the paper nor the authors' code gives
             values; ours: Nichol's ``cosine``, 0.3 (noise std up to 0.45 of unit-variance data) and 0.1 (std 0.16).
         render_patch: the renderer callable (see :data:`RenderPatch`); None disables the image-level loss.
-        patch_size: rendered patch side (64 px in the notes).
+        patch_size: rendered patch side (64 px in the authors' code).
         image_loss_weight: weight of L_Image (1). perceptual_weight: weight of the perceptual term inside it (0.5).
         perceptual: a :class:`VGGPerceptual` (LPIPS/VGG from local weights) or None for :class:`StructuralLoss`.
     """

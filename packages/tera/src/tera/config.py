@@ -42,7 +42,10 @@ class DataConfig:
     """The synthetic avatar dataset (avatar_core.data) and how its avatars are split and read."""
 
     root: str = "outputs/tera/dataset"
-    """Dataset folder (meta.json, avatars/NNNNNN/...); `make train-tera` writes it with avatar-core make-dataset."""
+    """Dataset folder (meta.json, avatars/NNNNNN/...) in avatar_core's layout."""
+    synthetic: bool = True
+    """True: ``tera fit-teacher --make-dataset`` (what `make train-tera` runs) writes the synthetic dataset of the
+    sizes below at ``root`` when it is missing. False (paper): ``root`` is the user's dataset, never generated."""
     num: int = 16
     """Avatars to write when the pipeline creates the dataset itself."""
     views: int = 8

@@ -102,10 +102,17 @@ def build_avatar(cfg: TeraConfig) -> UVGaussianAvatar:
 
 
 def load_dataset(cfg: TeraConfig, create: bool = False) -> TeraDataset:
-    """The configured dataset; with ``create`` it is written first when missing (``cfg.data`` sizes)."""
+    """The configured dataset; with ``create`` and ``data.synthetic`` the synthetic dataset of ``cfg.data``'s sizes
+    is written first when missing. A config that names the user's own data (``synthetic: false``) is never
+    generated: a missing one is an error."""
     d = cfg.data
-    if create:
+    if create and d.synthetic:
         ensure_dataset(d.root, d.num, d.views, d.res, d.uv_res, d.seed, cfg.body.name)
+    if not d.synthetic and not (Path(d.root) / "meta.json").is_file():
+        raise MissingFileError(f"no dataset at data.root={d.root}; this config reads your own data (data.synthetic is "
+                               "false), so it is not generated",
+                               "convert your dataset (the paper: HuGe100K) to avatar_core's layout at data.root, or "
+                               "set data.synthetic=true to write a synthetic one there")
     if not (Path(d.root) / "meta.json").is_file():
         raise MissingFileError(f"no avatar dataset at {d.root}",
                                f"write one with `avatar-core make-dataset --out {d.root} --num {d.num} --views {d.views}"
