@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from avatar_core.config import config_diff, config_to_dict
+from avatar_core.config import config_to_dict
 from avatar_core.errors import ConfigError, InputError, MissingFileError
 from avatar_core.io import image_grid, load_image, load_json, save_image, save_json, write_video
 from avatar_core.results import check_result_dir, prepare_result_dir, read_marker, result_name
@@ -72,11 +72,23 @@ def _perceptual(cfg):
     return (lambda a, b: p(a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1))), str(desc.get("kind", desc))
 
 
+#: Keys that may differ between a run folder and the command continuing it (what is written, not what is made).
+MAY_CHANGE = ("output.*", "animate.*", "run_dir", "prior.cache_dir", "dataset.root", "stage1.preview_every")
+
+
+def _signature(cfg) -> dict:
+    from avatar_core.train import config_signature
+
+    return config_signature(cfg, allow=MAY_CHANGE)
+
+
 def _settings_match(run: Path, cfg) -> None:
-    stored = load_json(run / "settings.json")["config"]
-    diff = config_diff(stored, config_to_dict(cfg), ignore=("device", "threads", "output", "animate", "run_dir"))
+    from avatar_core.train import signature_diff
+
+    stored = load_json(run / "settings.json").get("signature", {})
+    diff = signature_diff(stored, _signature(cfg))
     if diff:
-        raise ConfigError(f"{run} was made with another config ({', '.join(list(diff)[:4])} differ)",
+        raise ConfigError(f"{run} was made with another config ({'; '.join(diff[:3])})",
                           "resume it with the same config, or start a new run (another --out or --overwrite)")
 
 
@@ -117,9 +129,12 @@ def generate(cfg, prompt: str, face: str | Path | None = None, out: str | Path |
     identity = prior.face_identity(face_img)
     if not (resume and (run / "settings.json").is_file()):
         prepare_result_dir(run, KIND, overwrite, inputs=[face])
-        save_json(run / "settings.json", {"config": config_to_dict(cfg), "prompt": prompt, "face": str(face),
-                                          "prior": prior.name})
-    return continue_run(run, cfg, prior, prompt, identity, progress=progress, stop_after=stop_after)
+        save_json(run / "settings.json", {"config": config_to_dict(cfg), "signature": _signature(cfg),
+                                          "prompt": prompt, "face": str(face), "prior": prior.name})
+    from avatar_core.train import run_lock
+
+    with run_lock(run):
+        return continue_run(run, cfg, prior, prompt, identity, progress=progress, stop_after=stop_after)
 
 
 def continue_run(run: Path, cfg, prior, prompt: str, identity, progress: bool = True,
@@ -234,7 +249,10 @@ def resume_stage(run: str | Path, cfg, stage: str, progress: bool = True) -> dic
     prior = load_prior(cfg, train_if_missing=False)
     face = settings["face"]
     identity = prior.face_identity(read_face(face, cfg))
-    return continue_run(run, cfg, prior, settings["prompt"], identity, progress=progress)
+    from avatar_core.train import run_lock
+
+    with run_lock(run):
+        return continue_run(run, cfg, prior, settings["prompt"], identity, progress=progress)
 
 
 def train_prior(cfg, overwrite: bool = False) -> dict:
