@@ -107,7 +107,8 @@ def test_front_end_names_what_it_runs(tmp_path, caplog):
 
     P._LOGGED.discard("standin")
     with caplog.at_level(logging.WARNING, logger="avatar_core.perceptual"):
-        a, b = PerceptualLoss(), PerceptualLoss()
+        a = PerceptualLoss()
+        PerceptualLoss()  # a second one logs nothing more
     assert a.describe() == {"kind": "random_feature_perceptual", "channels": [16, 32, 64], "seed": 0}
     assert caplog.text.count("embedded stand-in") == 1  # logged once per process
 
@@ -121,3 +122,13 @@ def test_bad_weight_files(tmp_path):
     (tmp_path / "junk.pth").write_text("junk")
     with pytest.raises(CorruptFileError):
         BackboneFeatures.from_file(tmp_path / "junk.pth")
+
+
+def test_auto_heads_without_the_lpips_package_is_an_error(tmp_path, monkeypatch):
+    import avatar_core.perceptual as P
+
+    path, _ = _random_backbone(tmp_path, "alex")
+    monkeypatch.setattr(P, "lpips_weights_path", lambda net="vgg", version="0.1": None)
+    with pytest.raises(MissingWeightsError, match="lpips_weights=None"):
+        PerceptualLoss(path, net="alex")
+    assert PerceptualLoss(path, lpips_weights=None, net="alex").kind == "lpips_baseline"

@@ -330,8 +330,8 @@ class PerceptualLoss(nn.Module):
 
     Args:
         backbone_weights: torchvision ``vgg16`` / ``alexnet`` state-dict file; None: :class:`RandomFeaturePerceptual`.
-        lpips_weights: the lpips package's ``<net>.pth`` heads; ``"auto"`` (default) takes them from an installed
-            ``lpips`` distribution when there is one, else LPIPS's baseline (logged once); None: the baseline.
+        lpips_weights: the lpips package's ``<net>.pth`` heads; ``"auto"`` (default) takes them from the installed
+            ``lpips`` distribution (an error if there is none); None: LPIPS's unweighted baseline.
         net: ``"vgg"`` or ``"alex"``.
     ``describe()`` says which one runs (record it in the run's settings); the call returns a distance per image.
     """
@@ -344,8 +344,10 @@ class PerceptualLoss(nn.Module):
             if lin == "auto":
                 lin = lpips_weights_path(net)
                 if lin is None:
-                    _log_once(f"baseline-{net}", "perceptual loss: no LPIPS heads (the lpips package is not installed "
-                              "and none are configured), using LPIPS's unweighted baseline over %s features", net)
+                    raise MissingWeightsError(
+                        f"LPIPS needs its linear heads (weights/v0.1/{net}.pth) and the lpips package is not installed",
+                        "pip install --no-deps lpips==0.1.4 (make setup does), pass lpips_weights=<path of "
+                        f"{net}.pth>, or lpips_weights=None for LPIPS's unweighted baseline")
             self.impl = LPIPS.from_files(backbone_weights, lin, net)
         else:
             self.impl = RandomFeaturePerceptual(seed=seed)
