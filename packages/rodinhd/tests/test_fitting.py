@@ -11,15 +11,9 @@ from avatar_core.train import process_shard
 from rodinhd.ablation import ABLATION_ROWS, ablation_row_settings
 from rodinhd.config import Stage1Config, Stage2Config
 from rodinhd.decoder import TriplaneDecoder
-from rodinhd.fitting import (
-    PAPER_TABLE5,
-    evaluate_fit,
-    fit_shared,
-    fit_triplanes,
-    iwc_penalty,
-    task_replay_schedule,
-)
+from rodinhd.fitting import PAPER_TABLE5, evaluate_fit, fit_shared, fit_triplanes
 from rodinhd.renderer import render_views
+from rodinhd.replay import iwc_penalty, task_replay_schedule
 from rodinhd.triplane import TriplaneStore, init_triplane
 
 C, R = 4, 16
