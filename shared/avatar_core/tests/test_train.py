@@ -215,3 +215,18 @@ def test_models_built_by_the_trainer_are_seeded_so_runs_are_bit_identical(tmp_pa
 
 def _model_unseeded() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 2))
+
+
+def test_a_setting_added_later_at_its_default_does_not_block_resume(tmp_path):
+    """A key the checkpoint lacks is forgiven only when it holds the schema's default (what the code did before)."""
+    _trainer(tmp_path, max_steps=5, run_config={"lr": 0.1}).train()
+
+    def resume(run_config):
+        t = _trainer(tmp_path, max_steps=6, run_config=run_config)
+        t.run_defaults = {"lr": 0.1, "new_key": False}
+        t.train(resume="auto")
+        return t.step
+
+    with pytest.raises(ConfigError, match=r"run\.new_key: checkpoint='<unset>', now=True"):
+        resume({"lr": 0.1, "new_key": True})
+    assert resume({"lr": 0.1, "new_key": False}) == 6

@@ -190,7 +190,8 @@ def _train_stage(cfg: RodinHDConfig, out: Path, name: str, loop: DiffusionTrainC
     t0 = time.perf_counter()
     with run_lock(run_dir):  # one run per folder, held until its config is written
         trainer = Trainer(_loop_config(loop, run_dir, cfg.seed), model, _optimizer(loop), step, data_fn,
-                          run_config=_run_signature(cfg, name), config_key=f"{name}.train")
+                          run_config=_run_signature(cfg, name), config_key=f"{name}.train",
+                          run_defaults=_run_signature(RodinHDConfig(), name))
         last = trainer.train(resume="auto" if resume else None)  # not resume (--restart): the old run moves aside
         save_config(cfg, run_dir / "config.yaml")
     return {"run": str(run_dir), "checkpoint": str(latest_checkpoint(run_dir)), "last": last,

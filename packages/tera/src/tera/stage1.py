@@ -114,7 +114,7 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
     with run_lock(out):  # one run per folder, held until the stage's files are written
         trainer = Trainer(tc, decoder, lambda p: torch.optim.Adam(p, lr=d.lr), step_fn, data,
                           run_config={**stage_signature(cfg, "distill"), "latent_resolution": r},
-                          config_key="distill.train")
+                          config_key="distill.train", run_defaults=stage_signature(TeraConfig(), "distill"))
         last = trainer.train(resume=resume)
         decoder = trainer.unwrapped_model
         if trainer.ema is not None:

@@ -78,7 +78,7 @@ def train(cfg: TeraConfig, progress: bool = True, resume: str | None = "auto") -
         trainer = Trainer(tc, model,
                           lambda p: torch.optim.AdamW(p, lr=dc.lr, weight_decay=dc.weight_decay), step_fn, data,
                           run_config={**stage_signature(cfg, "diffusion"), "latent_shape": [C, r, r]},
-                          config_key="diffusion.train")
+                          config_key="diffusion.train", run_defaults=stage_signature(TeraConfig(), "diffusion"))
         last = trainer.train(resume=resume)
         model = trainer.unwrapped_model
         if trainer.ema is not None:

@@ -266,15 +266,17 @@ class TeacherFitter:
         return done
 
 
-def check_fit_settings(root: Path, signature: dict[str, Any]) -> None:
-    """Refuse to add to features fitted under other settings (or unknown ones): one store, one set of settings."""
+def check_fit_settings(root: Path, signature: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+    """Refuse to add to features fitted under other settings (or unknown ones): one store, one set of settings.
+
+    ``defaults`` (the signature of the schema's defaults) forgives settings added to the config since the fit."""
     path = root / FIT_SETTINGS_FILE
     fitted = root.is_dir() and any(p.suffix in (".safetensors", ".npy") for p in root.iterdir())
     hint = (f"run `tera fit-teacher --restart` to fit every avatar again (the old features are kept as "
             f"{root}.old-<time>), or restore the settings they were fitted with")
     if path.is_file():
         stored = load_json(path)
-        diff = signature_diff(stored.get("signature", {}), signature) if stored.get("format") == FIT_FORMAT else [
+        diff = signature_diff(stored.get("signature", {}), signature, defaults) if stored.get("format") == FIT_FORMAT else [
             f"{path.name} is not a teacher-fit record"]
         if diff:
             raise ConfigError(f"the teacher features in {root} were fitted with other settings: " + "; ".join(diff), hint)
@@ -309,7 +311,7 @@ def fit_teacher(cfg: TeraConfig, progress: bool = True, create_dataset: bool = F
         if restart:
             move_aside(store.root)
         signature = stage_signature(cfg, "teacher")
-        check_fit_settings(store.root, signature)
+        check_fit_settings(store.root, signature, stage_signature(TeraConfig(), "teacher"))
         save_json(store.root / FIT_SETTINGS_FILE, {"format": FIT_FORMAT, "signature": signature})
         save_json(store.root / "standins.json", standins.settings())
         return _fit(cfg, store, ds, progress, start)

@@ -130,13 +130,15 @@ class Trainer:
             :func:`avatar_core.train.signature.config_signature`.
         config_key: where ``config`` sits in the user's config (e.g. ``"diffusion.train"``), so that
             the refusal of a changed config names an override the CLI accepts.
+        run_defaults: ``run_config`` of the schema's defaults (same allow-list); a key a checkpoint lacks
+            (added to the config later) that holds its default is then not a difference.
     """
 
     def __init__(self, config: TrainConfig | dict, model: nn.Module | Callable[[], nn.Module],
                  optimizer: torch.optim.Optimizer | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                  step_fn: StepFn, data: DataLoader | Callable[[int], Iterable] | Iterable,
                  lr_scheduler: Any | Callable[[torch.optim.Optimizer], Any] | None = None,
-                 run_config: dict | None = None, config_key: str = "train"):
+                 run_config: dict | None = None, config_key: str = "train", run_defaults: dict | None = None):
         if isinstance(config, DictConfig):
             config = OmegaConf.to_object(config)  # a structured node gives a TrainConfig, a plain one a dict
         if isinstance(config, dict):
@@ -148,6 +150,7 @@ class Trainer:
         _validate(config)
         self.config = config
         self.config_key = config_key
+        self.run_defaults = json.loads(json.dumps(run_defaults or {}))
         self.step_fn = step_fn
         self.run_config = json.loads(json.dumps(run_config or {}))  # a JSON-clean copy, or a clear TypeError now
         self.output_dir = Path(config.output_dir)
@@ -419,7 +422,9 @@ class Trainer:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def _check_signature(self, stored: dict[str, Any], path: Path, allow: bool) -> None:
-        diff = signature_diff(stored, self._signature())
+        defaults = {f"train.{k}": v for k, v in flatten(dataclasses.asdict(TrainConfig())).items()}
+        defaults.update(flatten(self.run_defaults, "run"))
+        diff = signature_diff(stored, self._signature(), defaults)
         if not diff:
             return
         msg = f"the run's settings differ from checkpoint {path}: " + "; ".join(diff)

@@ -70,8 +70,16 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def signature_diff(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``"key: checkpoint=X, now=Y"`` for every key whose value differs (a missing key reads ``<unset>``)."""
+def signature_diff(stored: Mapping[str, Any], now: Mapping[str, Any],
+                   defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """``"key: checkpoint=X, now=Y"`` for every key whose value differs (a missing key reads ``<unset>``).
+
+    ``defaults`` (the signature of the schema's defaults) forgives keys added to the config after the checkpoint
+    was written: a key the checkpoint lacks that now holds its default value is no difference (the default is
+    what the code did before the key existed). Any other value of such a key still is.
+    """
+    defaults = defaults or {}
     keys = sorted(set(stored) | set(now))
     return [f"{k}: checkpoint={stored.get(k, _UNSET)!r}, now={now.get(k, _UNSET)!r}"
-            for k in keys if not _same(stored.get(k, _UNSET), now.get(k, _UNSET))]
+            for k in keys if not _same(stored.get(k, _UNSET), now.get(k, _UNSET))
+            and not (k not in stored and k in now and k in defaults and _same(now[k], defaults[k]))]
