@@ -125,3 +125,20 @@ def test_missing_pieces_name_files(folders, tmp_path):
         cfg = _config(root)
         cfg.face_embedding_path, cfg.insightface_root = None, str(tmp_path)
         PaperPrior.from_config(cfg, device="cpu")
+
+
+def test_vcr_runs_on_the_paper_layout(folders):
+    from gaussianip.config import VCRConfig
+    from gaussianip.vcr import VCRAttnProcessor, decoder_self_attentions, orbit_azimuths, refine_views
+
+    root, _ = folders
+    prior = PaperPrior.from_config(_config(root), device="cpu")
+    assert decoder_self_attentions(prior.unet)  # the paper-layout UNet has decoder self-attentions to patch
+    az = orbit_azimuths(8)
+    z = torch.randn(8, 4, 8, 8)
+    args = (az, prior.encode_text(["a man"]), prior.encode_text(["bad"]), prior.face_identity(torch.rand(40, 40, 3)),
+            prior.zero_identity(), torch.rand(8, 3, 16, 16))
+    out = {m: refine_views(prior, z, *args, VCRConfig(mode=m, ddim_steps=10, refine_steps=2)) for m in ("vcr", "independent")}
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert (out["vcr"] - out["independent"]).abs().max() > 0  # mutual attention changes the key views
+    assert not any(isinstance(p, VCRAttnProcessor) for p in prior.unet.attn_processors.values())  # restored
