@@ -124,7 +124,8 @@ def check_not_input(out: PathLike, inputs: Iterable[PathLike | None], what: str 
         i = Path(os.path.realpath(_abs(inp)))
         folder = i.parent if i.is_file() else i
         if _within(o, folder):
-            raise InputError(f"{what} {out} is inside the input {inp}, which this command only reads",
+            where = "is the folder of" if o == folder else "is inside"
+            raise InputError(f"{what} {out} {where} the input {inp}, which this command only reads",
                              f"choose a {what} outside {folder}")
         if _within(i, o):
             raise InputError(f"{what} {out} contains the input {inp}; overwriting it would delete that input",
