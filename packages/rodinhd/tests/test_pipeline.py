@@ -23,30 +23,17 @@ from rodinhd.cli import main as cli_main
 from rodinhd.config import load_rodinhd_config
 from rodinhd.data import AvatarViews
 from rodinhd.decoder import TriplaneDecoder
+from rodinhd.demo import SMALLEST_OVERRIDES
 from rodinhd.renderer import render_views
 
 RES, VIEWS, NUM = 32, 6, 4
 
-#: A micro scale of tiny.yaml: 4-channel 16^2 triplanes, 8^2 base model, a few steps per stage.
+#: A micro scale of tiny.yaml: the demo's smallest settings (4-channel 16^2 triplanes, 8^2 base model, a few steps
+#: per stage) on this file's 4 avatars, with a checkpoint every step.
 MICRO = [
-    "data.num_avatars=4", "data.held_out=1", "triplane.channels=4", "triplane.resolution=16",
-    "decoder.hidden_dim=16",
-    "stage1.num_avatars=2", "stage1.outer_loops=1", "stage1.inner_iterations=4", "stage1.rays_per_step=128",
-    "stage1.num_samples=24", "stage2.iterations=4", "stage2.rays_per_step=128", "stage2.num_samples=24",
-    "render.num_samples=24", "render.grid_resolution=16", "render.grid_updates=4",
-    "conditioning.portrait_size=32", "conditioning.kernel_sizes=[4,2,1]", "conditioning.token_dim=16",
-    "conditioning.vae_base_channels=8", "conditioning.vae_steps=2",
-    "base.resolution=8", "base.unet.model_channels=8", "base.unet.channel_mult=[1,2]",
-    "base.unet.num_res_blocks=[1,1]", "base.unet.attention_resolutions=[4]",
-    "base.unet.cross_attn_resolutions=[8,4]", "base.unet.conv3d_resolutions=[8]", "base.unet.emb_channels=32",
-    "base.context_resolutions=[8,4]", "base.train.max_steps=2", "base.train.batch_size=3",
+    *SMALLEST_OVERRIDES, "data.num_avatars=4", "data.held_out=1", "stage1.num_avatars=2", "base.train.batch_size=3",
     "base.train.checkpoint_every=1", "base.train.progress_bar=false", "base.train.log_every=1",
-    "upsample.unet.model_channels=8", "upsample.unet.channel_mult=[1,2]", "upsample.unet.num_res_blocks=[1,1]",
-    "upsample.unet.conv3d_resolutions=[16]", "upsample.unet.emb_channels=32", "upsample.context_resolutions=[8]",
-    "upsample.patch_size=8", "upsample.render_num_samples=16", "upsample.train.max_steps=2",
-    "upsample.train.batch_size=2", "upsample.train.progress_bar=false", "upsample.train.log_every=1",
-    "sample.num_views=3", "sample.view_res=32", "sample.turntable_frames=2", "sample.turntable_res=32",
-    "sample.base_steps=2", "sample.upsample_steps=2",
+    "upsample.train.progress_bar=false", "upsample.train.log_every=1",
 ]
 
 
