@@ -1,10 +1,13 @@
 """`avatar-core view` in a real browser: headless Chromium (WebGL through SwiftShader) opens the served page on a
-tiny splat result; the screenshot must show the avatar where the viewer's camera projects it, and the page must
-list the result. `.ci/run` installs Debian's chromium when it is missing, so this test runs everywhere.
+tiny splat result (driven over the DevTools protocol); the screenshot must show the avatar where the viewer's
+camera projects it, and the page must list the result. `.ci/run` installs Debian's chromium when it is missing, so this test runs everywhere.
 
 The screenshot is kept under the test's tmp folder and copied to ``outputs/test-artifacts/view_browser.png``.
 """
 
+import base64
+import contextlib
+import json
 import queue
 import shutil
 import socket
@@ -87,9 +90,67 @@ def viewer(tmp_path, request):
             "result": result}
 
 
-def _run_chromium(url: str, profile: Path, *mode: str) -> subprocess.CompletedProcess:
-    return subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=6000",
-                           *mode, url], capture_output=True, text=True, timeout=90)
+class Browser:
+    """Headless Chromium driven over the DevTools protocol (one launch; the page is polled, not waited for)."""
+
+    def __init__(self, profile: Path):
+        self.proc = subprocess.Popen([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                      "--remote-debugging-port=0", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ws = None
+        for line in self.proc.stderr:  # "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID"
+            if "DevTools listening on" in line:
+                ws = line.split()[-1]
+                break
+        assert ws, "chromium did not start its DevTools endpoint"
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()  # keep it drained
+        from websockets.sync.client import connect
+
+        self.ws, self.next_id = connect(ws, max_size=None), 0
+
+    def call(self, method: str, session: str | None = None, **params):
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        self.ws.send(json.dumps(msg))
+        while True:
+            reply = json.loads(self.ws.recv(timeout=60))
+            if reply.get("id") == self.next_id:
+                assert "error" not in reply, reply["error"]
+                return reply["result"]
+
+    def open(self, url: str) -> str:
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Emulation.setDeviceMetricsOverride", session, width=WIDTH, height=HEIGHT, deviceScaleFactor=1,
+                  mobile=False)
+        self.call("Page.navigate", session, url=url)
+        return session
+
+    def text(self, session: str) -> str:
+        res = self.call("Runtime.evaluate", session, expression="document.body ? document.body.innerText : ''")
+        return res["result"].get("value", "")
+
+    def screenshot(self, session: str) -> bytes:
+        return base64.b64decode(self.call("Page.captureScreenshot", session, format="png")["data"])
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ws.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def browser(tmp_path, request):
+    b = Browser(tmp_path / "profile")
+    request.addfinalizer(b.close)
+    return b
 
 
 def _project(points: np.ndarray, cam: np.ndarray, look: np.ndarray) -> np.ndarray:
@@ -106,23 +167,13 @@ def _project(points: np.ndarray, cam: np.ndarray, look: np.ndarray) -> np.ndarra
 
 
 @pytest.mark.slow
-def test_viewer_shows_the_avatar_in_headless_chromium(viewer, tmp_path):
+def test_viewer_shows_the_avatar_in_headless_chromium(viewer, browser, tmp_path):
     url = viewer["url"]
     assert f"port {viewer['busy']} is in use; serving on" in viewer["log"]
     assert not url.endswith(f":{viewer['busy']}")
-    assert viewer["startup_s"] < 10, f"viewer took {viewer['startup_s']:.1f} s to start"
+    # A guard against gross regressions only (the suite runs on a loaded machine); idle, it starts in 2-3 s.
+    assert viewer["startup_s"] < 30, f"viewer took {viewer['startup_s']:.1f} s to start"
 
-    shot = tmp_path / "view_browser.png"
-    proc = _run_chromium(url, tmp_path / "profile-shot", f"--screenshot={shot}")
-    assert shot.is_file(), f"chromium wrote no screenshot: {proc.stderr[-2000:]}"
-    artefacts = REPO / "outputs" / "test-artifacts"
-    artefacts.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, artefacts / "view_browser.png")
-    dom = _run_chromium(url, tmp_path / "profile-dom", "--dump-dom").stdout
-    assert "tiny_avatar" in dom and "a blue block person" in dom, "the result list does not show the result"
-
-    img = np.asarray(Image.open(shot).convert("RGB")).astype(np.float64)
-    assert img.shape == (HEIGHT, WIDTH, 3)
     splats = splats_from_ply(viewer["result"] / "avatar.ply")
     lo, hi = splats.bounds
     cam, look = front_camera(lo, hi, FOV_DEG)
@@ -131,13 +182,32 @@ def test_viewer_shows_the_avatar_in_headless_chromium(viewer, tmp_path):
     (u0, v0), (u1, v1) = px.min(0), px.max(0)
     assert 0 < u0 < u1 < WIDTH and 0 < v0 < v1 < HEIGHT, f"the avatar projects outside the image: {px}"
     du, dv = (u1 - u0) / 4, (v1 - v0) / 4  # the inner half of the box: covered whatever the splats' footprint
-    inner = img[int(v0 + dv):int(v1 - dv), int(u0 + du):int(u1 - du)]
-    # Background: a band left of the avatar's box (the panels sit at the top corners), away from its splats.
-    band = img[int(v0 + dv):int(v1 - dv), max(0, int(u0) - 220):int(u0) - 60]
-    bg = np.median(band.reshape(-1, 3), axis=0)
+
+    session = browser.open(url)
+    deadline = time.perf_counter() + 60
+    text = ""
+    while "tiny_avatar" not in text and time.perf_counter() < deadline:  # the page connected and built its panel
+        time.sleep(0.25)
+        text = browser.text(session)
+    assert "tiny_avatar" in text and "a blue block person" in text, f"the result list does not show it: {text!r}"
+    shot = tmp_path / "view_browser.png"
+    while True:  # until the avatar is drawn (the splats arrive and sort after the panel)
+        shot.write_bytes(browser.screenshot(session))
+        img = np.asarray(Image.open(shot).convert("RGB")).astype(np.float64)
+        inner = img[int(v0 + dv):int(v1 - dv), int(u0 + du):int(u1 - du)]
+        # Background: a band left of the avatar's box (the panels sit at the top corners), away from its splats.
+        band = img[int(v0 + dv):int(v1 - dv), max(0, int(u0) - 220):int(u0) - 60]
+        bg = np.median(band.reshape(-1, 3), axis=0)
+        diff = np.abs(inner - bg).max(axis=-1)
+        mean = inner.reshape(-1, 3).mean(0)  # splats fade in: wait for their own (sRGB) colour, opaque where they overlap
+        if ((diff > 60).mean() > 0.9 and np.abs(mean - 255 * np.array(COLOUR)).max() < 12) or time.perf_counter() > deadline:
+            break
+        time.sleep(0.5)
+    artefacts = REPO / "outputs" / "test-artifacts"
+    artefacts.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, artefacts / "view_browser.png")
+    assert img.shape == (HEIGHT, WIDTH, 3)
     assert np.abs(band - bg).max(axis=-1).mean() < 10, "the background beside the avatar is not uniform"
-    diff = np.abs(inner - bg).max(axis=-1)
     assert (diff > 60).mean() > 0.9, f"avatar box barely differs from the background ({(diff > 60).mean():.2f})"
-    mean = inner.reshape(-1, 3).mean(0)  # shown in its own (sRGB) colour (overlapping splats are opaque)
     expect = 255 * np.array(COLOUR)
-    assert np.abs(mean - expect).max() < 30, f"the avatar shows as RGB {mean.round()}, not {expect.round()}"
+    assert np.abs(mean - expect).max() < 12, f"the avatar shows as RGB {mean.round()}, not {expect.round()}"

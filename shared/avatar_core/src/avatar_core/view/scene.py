@@ -15,15 +15,8 @@ from torch import Tensor
 
 from avatar_core.errors import CorruptFileError
 
-__all__ = ["srgb_to_linear", "Splats", "splats_from_ply", "splats_from_tensors", "density_points", "front_camera", "load_rgb",
+__all__ = ["Splats", "splats_from_ply", "splats_from_tensors", "density_points", "front_camera", "load_rgb",
            "video_frames", "read_metrics", "metrics_table"]
-
-
-def srgb_to_linear(rgb: np.ndarray) -> np.ndarray:
-    """sRGB-encoded colours in [0, 1] to linear light (IEC 61966-2-1). The kernel's colours are sRGB (they are
-    what a render shows); the browser viewer treats vertex colours as linear and encodes them for display."""
-    rgb = np.clip(rgb, 0.0, 1.0)
-    return np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4).astype(np.float32)
 
 
 @dataclass
@@ -32,7 +25,7 @@ class Splats:
 
     centers: np.ndarray  # [N, 3]
     covariances: np.ndarray  # [N, 3, 3]
-    rgbs: np.ndarray  # [N, 3] in [0, 1], sRGB as rendered (send srgb_to_linear(rgbs) to the browser)
+    rgbs: np.ndarray  # [N, 3] in [0, 1], sRGB as rendered
     opacities: np.ndarray  # [N, 1]
 
     @property

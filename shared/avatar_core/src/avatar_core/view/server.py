@@ -34,7 +34,6 @@ from avatar_core.view.scene import (
     metrics_table,
     read_metrics,
     splats_from_ply,
-    srgb_to_linear,
     video_frames,
 )
 
@@ -172,8 +171,8 @@ class ViewerApp:
         return self._splat_cache[path]
 
     def _add_splats(self, s: Splats) -> None:
-        self.server.scene.add_gaussian_splats("/result", s.centers, s.covariances, srgb_to_linear(s.rgbs),
-                                              s.opacities)
+        # viser draws splat and point colours as given (no colour management): the kernel's sRGB, unconverted.
+        self.server.scene.add_gaussian_splats("/result", s.centers, s.covariances, s.rgbs, s.opacities)
 
     def _clear_scene(self) -> None:
         for name in ("/result", "/frame", "/reference", "/points"):
@@ -236,8 +235,8 @@ class ViewerApp:
                         self.info.content += "\n\nthe decoded density is empty (no cell above 50% opacity)"
                         return
                     self.points = (pts, rgb)
-                    self.server.scene.add_point_cloud("/points", pts, srgb_to_linear(rgb), point_size=cell * 1.5,
-                                                      point_shape="circle")
+                    self.server.scene.add_point_cloud("/points", pts, rgb, point_size=cell * 1.5,
+                                                      point_shape="circle", point_shading="flat")
                     if resolution == TRIPLANE_GRIDS[0]:
                         self._frame_camera(pts.min(0), pts.max(0))
         except AvatarError as err:  # e.g. the run's decoder is missing: say so, keep serving the views
