@@ -11,6 +11,7 @@ from torch import nn
 
 from avatar_core.diffusion import get_schedule, q_sample, space_timesteps
 from avatar_core.errors import ConfigError, InputError, MissingWeightsError
+from avatar_core.io import save_image, save_json
 from rodinhd.cascade import (
     BaseDiffusion,
     TriplaneNormalizer,
@@ -31,7 +32,7 @@ from rodinhd.conditioning import (
     prepare_portrait,
     train_portrait_vae,
 )
-from rodinhd.image_loss import StructuralLoss, VGGPerceptual
+from rodinhd.image_loss import StructuralLoss, TrainingView, VGGPerceptual, body_patch_corners
 from rodinhd.unet import TriplaneUNet
 
 C = 4  # triplane channels
@@ -264,11 +265,10 @@ def test_conditional_noise_augmentation_is_applied_and_recorded():
     assert torch.allclose(levels[-1], torch.full((4,), 100.0))  # guided batch, fixed sampling level
 
 
-def test_upsample_image_loss_renders_patches_and_trains_the_unet():
-    calls = []
-
+def _texel_renderer(calls=None):
     def render_patch(triplane, cameras, rows, cols):  # a differentiable stand-in renderer: one plane's texels
-        calls.append((rows.shape, cols.shape, triplane.requires_grad))
+        if calls is not None:
+            calls.append((rows.shape, cols.shape, triplane.requires_grad))
         B = triplane.shape[0]
         img = torch.sigmoid(triplane[:, :3])  # [B, 3, H, 3W]
         idx_r = rows[:, :, None].expand(B, rows.shape[1], cols.shape[1])
@@ -276,21 +276,87 @@ def test_upsample_image_loss_renders_patches_and_trains_the_unet():
         b = torch.arange(B)[:, None, None]
         return img.permute(0, 2, 3, 1)[b, idx_r, idx_c]  # [B, P, P, 3]
 
-    class Cams:
-        height, width = 16, 16
+    return render_patch
 
-    model = _upsampler(render_patch)
+
+class _Cams:
+    height, width = 2 * S, 6 * S
+
+
+def _full_render(triplane):  # the whole "image" of the texel renderer, as RGBA with alpha 1
+    rgb = torch.sigmoid(triplane[:, :3]).permute(0, 2, 3, 1)
+    return torch.cat([rgb, torch.ones_like(rgb[..., :1])], dim=-1)
+
+
+def test_upsample_image_loss_renders_patches_and_trains_the_unet():
+    calls = []
+    model = _upsampler(_texel_renderer(calls))
     hr, lr = torch.randn(2, C, 2 * S, 6 * S), torch.randn(2, C, S, 3 * S)
     model.normalizer.fit(hr)
     with pytest.raises(InputError):
         model.loss(hr, lr, _features())
-    out = model.loss(hr, lr, _features(), cameras=Cams(), generator=torch.Generator().manual_seed(0))
-    assert [c[:2] for c in calls] == [((2, 8), (2, 8))] * 2 and calls[0][2] and not calls[1][2]
-    torch.testing.assert_close(out["loss"], out["mse"] + out["pixel"] + 0.5 * out["perceptual"])
+    with pytest.raises(InputError):  # cameras without their images
+        model.loss(hr, lr, _features(), cameras=_Cams())
+    images = torch.rand(2, 2 * S, 6 * S, 4)
+    out = model.loss(hr, lr, _features(), cameras=_Cams(), images=images, generator=torch.Generator().manual_seed(0))
+    assert [c[:2] for c in calls] == [((2, 8), (2, 8))] and calls[0][2]  # one render: the prediction's
+    torch.testing.assert_close(out["loss"], out["mse"] + out["pixel"] + out["perceptual"])  # Eq. 6: weights 1, 1
     out["loss"].backward()
     assert model.unet.out[-1].conv.weight.grad.abs().max() > 0
     same = torch.rand(2, 12, 12, 3)
     assert StructuralLoss()(same, same).abs() < 1e-5 and StructuralLoss()(same, same.flip(1)) > 0.1
+
+
+def test_image_loss_is_zero_only_when_the_predicted_render_matches_the_images():
+    model = _upsampler(_texel_renderer())
+    g = torch.Generator().manual_seed(1)
+    predicted = torch.randn(2, C, 2 * S, 6 * S, generator=g)
+    fitted = torch.randn(2, C, 2 * S, 6 * S, generator=g)  # the stage-2 fit: close to, but not, the images
+    images = _full_render(fitted + 0.5 * torch.randn(fitted.shape, generator=g))
+    # The prediction renders exactly the images: zero, at any patch.
+    pix, perc = model.image_loss(predicted, _full_render(predicted), _Cams(), torch.Generator().manual_seed(0))
+    assert pix.abs() < 1e-12 and perc.abs() < 1e-5
+    # The prediction equals the fitted triplane, whose render differs from the images: not zero.
+    pix, perc = model.image_loss(fitted, images, _Cams(), torch.Generator().manual_seed(0))
+    assert pix > 1e-3 and perc > 1e-2
+    # Transparent target pixels are the render background (white): a white render matches an empty view.
+    white = torch.full((2, C, 2 * S, 6 * S), 30.0)  # sigmoid -> 1
+    empty = torch.zeros(2, 2 * S, 6 * S, 4)
+    pix, _ = model.image_loss(white, empty, _Cams(), torch.Generator().manual_seed(0))
+    assert pix.abs() < 1e-12
+
+
+def test_patches_contain_the_body_and_training_views_are_seeded(tmp_path):
+    alpha = torch.zeros(64, 2, 40, 30)
+    alpha[:, 0, 30:34, 2:5] = 1.0  # a small body near the lower-left corner
+    alpha[:, 1, 0:2, 27:30] = 1.0  # and one at the upper-right corner
+    g = torch.Generator().manual_seed(0)
+    for a in alpha:
+        top, left = body_patch_corners(a, 8, g)
+        assert 0 <= top.min() and top.max() <= 32 and 0 <= left.min() and left.max() <= 22
+        for b in range(2):
+            assert a[b, top[b]:top[b] + 8, left[b]:left[b] + 8].sum() > 0
+    with pytest.raises(ConfigError):
+        body_patch_corners(alpha[0], 31)
+    # One view per item and epoch, the same in any process, read from the dataset's cameras.json and images.
+    root = tmp_path / "d"
+    d = root / "avatars" / "a1"
+    frames = []
+    for v in range(5):  # view v: alpha 1 in column v only, so the image read identifies the view
+        rgba = torch.zeros(16, 16, 4)
+        rgba[:, v, 3] = 1.0
+        save_image(d / f"{v}.png", rgba)
+        frames.append({"file": f"{v}.png", "viewmat": (torch.eye(4) * (v + 1)).tolist(), "K": torch.eye(3).tolist()})
+    save_json(d / "cameras.json", {"width": 16, "height": 16, "views": frames})
+    view = TrainingView(root, seed=3)
+    item = {"index": 1, "item_id": "a1", "epoch": 0}
+    picks = {view(item, e)["view_index"] for e in range(12)}
+    assert len(picks) > 1 and view(item, 4)["view_index"] == TrainingView(root, seed=3)(item, 4)["view_index"]
+    got = view(item, 0)
+    k = got["view_index"]
+    assert got["view_image"].shape == (16, 16, 4) and float(got["view_viewmat"][0, 0]) == k + 1
+    assert got["view_image"][:, k, 3].min() == 1.0 and got["view_image"][..., 3].sum() == 16
+    assert TrainingView(root, views=[2], seed=3)(item, 0)["view_image"][:, 2, 3].min() == 1.0
 
 
 def test_upsample_rollout_keeps_planes_apart():

@@ -6,7 +6,7 @@
   respaced 10-step DDPM sampler.
 - :class:`UpsampleDiffusion`: high-resolution roll-outs, x0-prediction, the ``rodin_sigmoid`` schedule over 100
   steps, conditioned on the bilinearly upsampled low-res triplane with conditional noise augmentation, plus the
-  image-level loss of Eq. 6 on rendered patches.
+  image-level loss of Eq. 6: patches rendered from the predicted triplane against the ground-truth view images.
 - :class:`TriplaneNormalizer`: fitted triplanes are not unit-variance; a per-channel shift/scale measured on the data
   maps them to zero mean, unit variance before diffusion and back after sampling. It is a submodule, so it is saved
   in the model's state dict.
@@ -39,7 +39,7 @@ from avatar_core.diffusion import (
 )
 from avatar_core.errors import ConfigError, InputError
 from rodinhd.conditioning import PortraitTokenizer, drop_condition, null_features
-from rodinhd.image_loss import StructuralLoss
+from rodinhd.image_loss import StructuralLoss, body_patch_corners, composite, crop_patches
 from rodinhd.image_loss import VGGPerceptual as VGGPerceptual  # where the pipeline and evaluation look for it
 from rodinhd.unet import TriplaneUNet, planes_to_rollout, rollout_to_planes
 
@@ -391,9 +391,12 @@ class UpsampleDiffusion(_Conditioned):
             s ~ U[0, aug_max_train] in training, s = aug_sample at sampling. Neither the paper nor the authors' code gives
             values; ours: Nichol's ``cosine``, 0.3 (noise std up to 0.45 of unit-variance data) and 0.1 (std 0.16).
         render_patch: the renderer callable (see :data:`RenderPatch`); None disables the image-level loss.
-        patch_size: rendered patch side (64 px in the authors' code).
-        image_loss_weight: weight of L_Image (1). perceptual_weight: weight of the perceptual term inside it (0.5).
-        perceptual: a :class:`VGGPerceptual` (LPIPS/VGG from local weights) or None for :class:`StructuralLoss`.
+        patch_size: rendered patch side (64 px in the authors' code), centred on a body pixel of the target view.
+        image_loss_weight: weight of L_Image (1). perceptual_weight: weight of L_Perc inside it: 1 in Eq. 6
+            (L_Image = L_Pixel + L_Perc); the authors' code weights its LPIPS term 0.5.
+        perceptual: a :class:`VGGPerceptual` (VGG feature distance, or LPIPS with its heads, from local weights)
+            or None for :class:`StructuralLoss`.
+        background: the colour the renderer composites onto; the RGBA target views are composited onto it.
     """
 
     def __init__(self, unet: TriplaneUNet, tokenizer: PortraitTokenizer | None = None,
@@ -401,8 +404,8 @@ class UpsampleDiffusion(_Conditioned):
                  cond_drop_prob: float = 0.2, guidance_scale: float = 1.3, sample_steps: int = 10,
                  variance_type: str = "fixed_large", aug_schedule: str = "cosine", aug_max_train: float = 0.3,
                  aug_sample: float = 0.1, render_patch: RenderPatch | None = None, patch_size: int = 64,
-                 image_loss_weight: float = 1.0, perceptual_weight: float = 0.5,
-                 perceptual: nn.Module | None = None):
+                 image_loss_weight: float = 1.0, perceptual_weight: float = 1.0,
+                 perceptual: nn.Module | None = None, background: Sequence[float] = (1.0, 1.0, 1.0)):
         super().__init__(unet, tokenizer, context_resolutions, num_steps, schedule, cond_drop_prob,
                          guidance_scale, sample_steps)
         if unet.cond_channels != unet.in_channels or unet.out_channels != unet.in_channels:
@@ -420,6 +423,7 @@ class UpsampleDiffusion(_Conditioned):
         self.image_loss_weight = float(image_loss_weight)
         self.perceptual_weight = float(perceptual_weight)
         self.perceptual = perceptual if perceptual is not None else StructuralLoss()
+        self.background = tuple(float(v) for v in background)
 
     def augment_condition(self, low_res_up: Tensor, level: Tensor,
                           noise: Tensor) -> Tensor:  # [B, C, H, 3W]
@@ -434,12 +438,14 @@ class UpsampleDiffusion(_Conditioned):
         return lr if lr.shape[2] == size else upsample_rollout(lr, size)
 
     def loss(self, triplanes: Tensor, low_res: Tensor, features: Sequence[Tensor] | None = None,
-             cameras=None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+             cameras=None, generator: torch.Generator | None = None,
+             images: Tensor | None = None) -> dict[str, Tensor]:
         """L_simple^HR (Eq. 5) + image_loss_weight * L_Image (Eq. 6) on raw roll-outs.
 
         triplanes: [B, C, H, 3H] high-res; low_res: [B, C, h, 3h]; features: portrait features; cameras: a batch
-        of B cameras for the rendered patches (needed when render_patch is set). Returns the total and its parts,
-        plus ``aug_level`` [B], the augmentation applied to each sample's condition.
+        of B cameras and images [B, H, W, 4] the ground-truth RGBA views they took (both needed when render_patch
+        is set). Returns the total and its parts, plus ``aug_level`` [B], the augmentation applied to each
+        sample's condition.
         """
         x0 = self.normalizer.normalize(triplanes)
         B = x0.shape[0]
@@ -453,10 +459,10 @@ class UpsampleDiffusion(_Conditioned):
         out = {"mse": mse, "t": t, "aug_level": level.to(x0.device)}
         total = mse
         if self.render_patch is not None and self.image_loss_weight > 0:
-            if cameras is None:
-                raise InputError("the image-level loss needs cameras (one per triplane)",
-                                 "pass cameras=..., or build the model with render_patch=None")
-            pix, perc = self.image_loss(self.normalizer.denormalize(x0_pred), triplanes, cameras, generator)
+            if cameras is None or images is None:
+                raise InputError("the image-level loss needs a ground-truth view and its camera per triplane",
+                                 "pass cameras=... and images=..., or build the model with render_patch=None")
+            pix, perc = self.image_loss(self.normalizer.denormalize(x0_pred), images, cameras, generator)
             out.update(pixel=pix, perceptual=perc)
             total = total + self.image_loss_weight * (pix + self.perceptual_weight * perc)
         out["loss"] = total
@@ -466,22 +472,23 @@ class UpsampleDiffusion(_Conditioned):
         # The level is embedded like a timestep on a 1000-step scale, so small levels stay distinguishable.
         return (level * 1000.0).to(device=like.device, dtype=torch.float32)
 
-    def image_loss(self, pred: Tensor, target: Tensor, cameras,
+    def image_loss(self, pred: Tensor, images: Tensor, cameras,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Pixel MSE and perceptual term between patches rendered from predicted and ground-truth triplanes."""
+        """L_Pixel (MSE) and L_Perc of Eq. 6 between the patch rendered from the predicted triplane ``pred``
+        [B, C, H, 3W] (raw) and the same pixels of the ground-truth view ``images`` [B, H, W, 4] (straight-alpha
+        RGBA, composited on the render background) at ``cameras`` (one per sample, of the images' size)."""
         B = pred.shape[0]
         P = self.patch_size
         height, width = int(cameras.height), int(cameras.width)
-        if P > min(height, width):
-            raise ConfigError(f"patch_size {P} exceeds the {width}x{height} camera images",
-                              "lower patch_size or render larger images")
-        top = torch.randint(0, height - P + 1, (B, 1), generator=generator)
-        left = torch.randint(0, width - P + 1, (B, 1), generator=generator)
-        rows = (top + torch.arange(P)).to(pred.device)
-        cols = (left + torch.arange(P)).to(pred.device)
+        if images.ndim != 4 or images.shape[0] != B or images.shape[-1] != 4 \
+                or tuple(images.shape[1:3]) != (height, width):
+            raise InputError(f"image-level loss targets must be [{B}, {height}, {width}, 4] RGBA views, got "
+                             f"{tuple(images.shape)}", "pass one RGBA view per triplane, at its camera's size")
+        top, left = body_patch_corners(images[..., 3], P, generator)
+        rows = (top[:, None] + torch.arange(P)).to(pred.device)
+        cols = (left[:, None] + torch.arange(P)).to(pred.device)
         rendered = self.render_patch(pred, cameras, rows, cols)  # [B, P, P, 3]
-        with torch.no_grad():
-            reference = self.render_patch(target, cameras, rows, cols)
+        reference = composite(crop_patches(images, top, left, P), self.background).to(rendered)
         return F.mse_loss(rendered, reference), self.perceptual(rendered, reference)
 
     @torch.no_grad()

@@ -220,14 +220,18 @@ def train_upsample(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd
         model = build_upsample(cfg, feature_channels(encoder), render_patch, perceptual)
     model.normalizer.fit(rollout(p) for p in stats_batches(cfg, out, ids, None))
     loop = u.train
-    loader = training_loader(cfg, out, data, ids, low, feats, n, loop.batch_size, full=True, cameras=True)
+    loader = training_loader(cfg, out, data, ids, low, feats, n, loop.batch_size, full=True,
+                             view=render_patch is not None)
 
     def step(m: nn.Module, batch: dict) -> tuple[Tensor, dict]:
-        viewmats, Ks = batch["viewmats"], batch["Ks"]  # [B, V, 4, 4], [B, V, 3, 3] from cameras.json
-        views = torch.randint(0, viewmats.shape[1], (len(viewmats),))  # global RNG: restored on resume
-        rows = torch.arange(len(viewmats))
-        cameras = Cameras(viewmats[rows, views], Ks[rows, views], int(batch["width"][0]), int(batch["height"][0]))
-        o = m(rollout(batch["planes"]), rollout(batch["low"]), [batch[f"f{k}"] for k in range(n)], cameras=cameras)
+        # Eq. 6's target: one ground-truth view per sample (its image and camera, chosen per epoch by the loader)
+        cameras = images = None
+        if "view_image" in batch:
+            cameras = Cameras(batch["view_viewmat"], batch["view_K"], int(batch["width"][0]),
+                              int(batch["height"][0]))
+            images = batch["view_image"]
+        o = m(rollout(batch["planes"]), rollout(batch["low"]), [batch[f"f{k}"] for k in range(n)], cameras=cameras,
+              images=images)
         metrics = {k: o[k].detach() for k in ("mse", "pixel", "perceptual") if k in o}
         return o["loss"], metrics
 

@@ -38,6 +38,7 @@ from avatar_core.standins import Component, Requirement, StandIn, StandInRecord,
 from rodinhd.conditioning import portrait_features, prepare_portrait
 from rodinhd.config import RodinHDConfig
 from rodinhd.data import AvatarViews, downsample_triplanes
+from rodinhd.image_loss import TrainingView
 from rodinhd.triplane import TriplaneStore
 
 log = logging.getLogger("rodinhd")
@@ -165,16 +166,19 @@ class _Stage2Triplane:
 
 def training_loader(cfg: RodinHDConfig, out: str | os.PathLike, data: AvatarViews, ids: Sequence[str],
                     low: FeatureCache, feats: FeatureCache, scales: int, batch_size: int, full: bool = False,
-                    cameras: bool = False) -> StreamLoader:
+                    cameras: bool = False, view: bool = False) -> StreamLoader:
     """Batches ``low [B, 3, C, r, r]``, ``f0..f{scales-1}`` and, with ``full``, ``planes [B, 3, C, R, R]``; with
-    ``cameras``, ``viewmats [B, V, 4, 4]``, ``Ks [B, V, 3, 3]``, ``width``, ``height``. Order: a seeded permutation
-    per epoch (``seed``, epoch), the global batch split among processes."""
+    ``cameras``, ``viewmats [B, V, 4, 4]``, ``Ks [B, V, 3, 3]``, ``width``, ``height``; with ``view``, one
+    ground-truth view per item and epoch (:class:`rodinhd.image_loss.TrainingView`: ``view_image [B, H, W, 4]``,
+    ``view_viewmat``, ``view_K``, ``width``, ``height``). Order: a seeded permutation per epoch (``seed``, epoch),
+    the global batch split among processes."""
     fields = [low.field({"planes": "low"}), feats.field([f"f{k}" for k in range(scales)])]
     if full:
         fields.append(_Stage2Triplane(stage2_store(cfg, out)))
     if cameras:
         fields.append(CameraField(data.root, data.views))
-    ds = StreamDataset(list(ids), fields, on_error=cfg.data.on_error)
+    transform = TrainingView(data.root, data.views, cfg.seed) if view else None
+    ds = StreamDataset(list(ids), fields, on_error=cfg.data.on_error, transform=transform)
     return StreamLoader(ds, batch_size, cfg.seed, num_workers=cfg.data.num_workers,
                         pin_memory=torch.cuda.is_available())
 
