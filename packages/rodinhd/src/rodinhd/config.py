@@ -249,8 +249,6 @@ class UpsampleConfig:
 
     unet: UNetConfig = field(default_factory=_upsample_unet)
     context_resolutions: list[int] = field(default_factory=lambda: [128])
-    feature_scales: list[int] = field(default_factory=lambda: [0])
-    """Which portrait scales the upsampler reads (0 = H/2: 128^2 at 256^2 portraits)."""
     num_steps: int = 100
     schedule: str = "rodin_sigmoid"
     cond_drop_prob: float = 0.2
