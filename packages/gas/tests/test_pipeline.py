@@ -128,3 +128,16 @@ def test_the_tiny_pipeline_end_to_end_at_its_smallest(tmp_path):
         cfg = pipeline.config("tiny", [f"run={tmp_path / 'demo' / 'run'}"])
         pipeline.novel_view(cfg, summary["input"], str(view), frames=4)
     assert (view / "gas.mp4").is_file()
+
+
+def test_a_kernel_multi_view_dataset_feeds_stage_one(body, tmp_path):
+    from avatar_core.data.generate import generate_dataset
+    from avatar_core.io import load_image
+    from gas.data import clip_from_avatar
+
+    root = generate_dataset(tmp_path / "ds", num=1, views=3, res=32, uv_res=64, progress=False, body_model=body)
+    avatar = root / "avatars" / "000000"
+    clip = clip_from_avatar(avatar, body)
+    assert clip.kind == "view" and clip.num_frames == 3
+    torch.testing.assert_close(clip.ref_rgba, load_image(avatar / "views" / "000.png"))
+    torch.testing.assert_close(clip.rgba[2], load_image(avatar / "views" / "002.png"))

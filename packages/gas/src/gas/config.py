@@ -28,6 +28,9 @@ class DataConfig:
 
     clips: str = ""
     """Clip folder; empty means ``<run>/clips`` (written by train-nerf when missing)."""
+    dataset: str = ""
+    """Optional kernel multi-view dataset (``avatar-core make-dataset`` layout, or a real capture laid out so) whose
+    avatars add reference view -> other views pairs to stage 1 (the last ``held_out`` are left out)."""
     num_avatars: int = 6
     held_out: int = 2
     frames: int = 8

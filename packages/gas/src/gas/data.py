@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from avatar_core.data.clips import Clip, list_clips, load_clip, write_clips
@@ -70,6 +71,38 @@ def clip_bodies(warp: BodyWarp, clip: Clip) -> ClipBodies:
     return ClipBodies(ref, big, frames)
 
 
+def dataset_sources(cfg: Any) -> list[Path]:
+    """Avatar folders of a kernel multi-view dataset (``data.dataset``) for stage 1, the last ``held_out`` left out."""
+    if not cfg.data.dataset:
+        return []
+    from avatar_core.data.datasets import AvatarDataset
+
+    dirs = AvatarDataset(cfg.data.dataset).dirs
+    return dirs[: max(len(dirs) - cfg.data.held_out, 0)]
+
+
+def clip_from_avatar(avatar_dir: Path, body) -> Clip:
+    """A dataset avatar (views on an orbit, one pose) as a view clip: view 0 is the reference, every view a frame."""
+    from avatar_core.cameras import Cameras
+    from avatar_core.io import load_image, load_json
+    from avatar_core.render.conditions import normal_map
+
+    cams = load_json(avatar_dir / "cameras.json")
+    views = cams["views"]
+    rgba = torch.stack([load_image(avatar_dir / v["file"]) for v in views])
+    W, H = int(cams["width"]), int(cams["height"])
+    cameras = Cameras(torch.tensor([v["viewmat"] for v in views]), torch.tensor([v["K"] for v in views]), W, H)
+    b, _ = load_tensors(avatar_dir / "body.safetensors")
+    T = len(views)
+    with torch.no_grad():
+        verts = body.forward(shape=b["shape"][None], pose=b["pose"][None], global_orient=b["global_orient"][None],
+                             transl=b["transl"][None]).vertices[0]
+        normals = normal_map(verts, body, cameras, space="camera_opengl")
+    return Clip("view", int(avatar_dir.name), rgba, normals, cameras, b["shape"], b["pose"][None].expand(T, -1, -1),
+                b["global_orient"][None].expand(T, 3), b["transl"][None].expand(T, 3), rgba[0], normals[0],
+                cameras[0:1], b["pose"])
+
+
 class ClipStore:
     """Clips loaded once per process (small at tiny scale; paper-scale runs stream them)."""
 
@@ -80,7 +113,8 @@ class ClipStore:
     def get(self, path: Path) -> tuple[Clip, ClipBodies]:
         key = str(path)
         if key not in self._clips:
-            clip = load_clip(path)
+            path = Path(path)
+            clip = clip_from_avatar(path, self.warp.body) if (path / "cameras.json").is_file() else load_clip(path)
             self._clips[key] = (clip, clip_bodies(self.warp, clip))
         return self._clips[key]
 

@@ -23,7 +23,7 @@ from avatar_core.io import load_tensors
 from avatar_core.metrics import ssim
 from avatar_core.train import Trainer, config_signature, latest_checkpoint
 from gas.body_warp import BodyWarp
-from gas.data import ClipStore, ensure_clips, load_render, render_cache_path, save_render, split
+from gas.data import ClipStore, dataset_sources, ensure_clips, load_render, render_cache_path, save_render, split
 from gas.human_nerf import HumanNeRF, NeRFConfig
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ def train_nerf(cfg: Any, resume: str | None = "auto", progress: bool = True) -> 
     """Train stage 1 into ``<run>/nerf``; returns the last checkpoint folder."""
     root = ensure_clips(cfg, progress)
     train_clips, _ = split(cfg, root)
+    train_clips = train_clips + dataset_sources(cfg)
     body = body_for(cfg)
     store = ClipStore(BodyWarp(body, cfg.nerf.anchor_stride))
     frames = cfg.data.frames
