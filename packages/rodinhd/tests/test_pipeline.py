@@ -175,3 +175,20 @@ def test_tiny_run_records_its_standins(run):
 def test_unknown_config_key_suggests_the_right_one():
     with pytest.raises(ConfigError, match="stage2.iterations"):
         load_rodinhd_config("tiny", ["stage2.iteration=5"])
+
+
+def test_evaluate_scores_held_out_and_training_avatars_apart(run, tmp_path):
+    """Generation is scored on held-out avatars; training avatars form their own labelled row, never mixed in."""
+    from rodinhd.evaluate import evaluate, format_eval
+
+    cfg, out, _ = run
+    cfg = load_rodinhd_config("tiny", [*MICRO, "evaluate.num_avatars=2", "evaluate.refit_views=2",
+                                       "evaluate.refit_res=16", "evaluate.refit_iterations=2",
+                                       "evaluate.refit_rays_per_step=64"])
+    r = evaluate(cfg, out, progress=False)
+    g = r["generation"]
+    assert g["held_out"]["avatars"] == ["000003"] and g["training"]["avatars"] == ["000000", "000001"]
+    held = [row for row in g["per_avatar"] if row["held_out"]]
+    assert [row["avatar"] for row in held] == ["000003"] and g["held_out"]["psnr"] == held[0]["psnr"]
+    table = format_eval(r)
+    assert "held-out avatars" in table and "training avatars (seen in training)" in table

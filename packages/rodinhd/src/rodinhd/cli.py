@@ -89,10 +89,12 @@ def _render(args):
 
 
 def _evaluate(args):
+    from rodinhd.evaluate import format_eval
     from rodinhd.pipeline import evaluate
 
     r = evaluate(_cfg(args), args.out, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in r.items()}, indent=2))
+    print(format_eval(r))
 
 
 def _ablate(args):

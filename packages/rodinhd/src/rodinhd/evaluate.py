@@ -26,7 +26,7 @@ from rodinhd.renderer import render_views
 from rodinhd.sample import TriplaneSampler
 from rodinhd.triplane import TriplaneStore
 
-__all__ = ["ablate", "evaluate", "refit_consistency"]
+__all__ = ["ablate", "evaluate", "format_eval", "refit_consistency"]
 
 
 def _on(bg: Tensor, rgba: Tensor) -> Tensor:  # [..., 4] straight alpha -> [..., 3]
@@ -72,7 +72,11 @@ def refit_consistency(cfg: RodinHDConfig, planes: Tensor, decoder: TriplaneDecod
 def evaluate(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", progress: bool = True) -> dict:
     """``rodinhd evaluate``: fitting PSNR/SSIM (stage-2 triplanes vs their views), generation PSNR/SSIM (a sample
     from each scored avatar's portrait vs its ground-truth views), LPIPS when weights are configured, and the
-    refit PSNR of the 3D-consistency check. Written to ``<out>/eval.json``."""
+    refit PSNR of the 3D-consistency check. Written to ``<out>/eval.json``.
+
+    Generation is scored on held-out avatars only (``generation.held_out``: portraits the models never saw); the
+    same scores on training avatars are a separate row (``generation.training``), a measure of memorisation, never
+    averaged with the held-out one. Each row takes up to ``evaluate.num_avatars`` avatars."""
     out = Path(out)
     e, r = cfg.evaluate, cfg.render
     data = open_data(cfg, out)
@@ -89,27 +93,47 @@ def evaluate(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", pro
                               r.num_samples, r.occupancy, r.grid_resolution, r.grid_updates, background=bg)
         fit_rows.append(_scores(rgb, _on(bg, images.to(device)), lpips))
     gen = TriplaneSampler(cfg, out, device)
-    gen_ids = (data.held_out_ids + data.train_ids)[: e.num_avatars]
+    held_ids, train_ids = data.held_out_ids[: e.num_avatars], data.train_ids[: e.num_avatars]
     gen_rows, first = [], None
-    for a in gen_ids:
+    for a in held_ids + train_ids:
         images, cams = data.get_views(a)
         planes, _ = gen(data.portrait(a), cfg.sample.seed, cfg.sample.base_steps, cfg.sample.upsample_steps,
                         cfg.sample.guidance_scale)
-        first = planes if first is None else first
+        first = planes if first is None else first  # the first held-out avatar's, if there is one
         rgb, _ = render_views(planes, decoder, cams, cfg.triplane.bound, cfg.triplane.center, r.num_samples,
                               r.occupancy, r.grid_resolution, r.grid_updates, background=bg)
         gen_rows.append({"avatar": a, "held_out": a in data.held_out_ids,
                          **_scores(rgb, _on(bg, images.to(device)), lpips)})
     consistency = refit_consistency(cfg, first, decoder, out / "eval" / "refit", e.refit_iterations, e.refit_views,
                                     e.refit_res, e.refit_rays_per_step)
+    def row(held: bool) -> dict:
+        rows = [g for g in gen_rows if g["held_out"] == held]
+        return {"avatars": [g["avatar"] for g in rows],
+                **_mean([{k: v for k, v in g.items() if k not in ("avatar", "held_out")} for g in rows])}
+
     result = {"fitting": {"avatars": fit_ids, **_mean(fit_rows)},
-              "generation": {"per_avatar": gen_rows,
-                             **_mean([{k: v for k, v in g.items() if k not in ("avatar", "held_out")}
-                                      for g in gen_rows])},
+              "generation": {"held_out": row(True), "training": row(False), "per_avatar": gen_rows},
               "consistency": consistency,
               "lpips": "reported" if lpips is not None else "not reported (set evaluate.vgg_path and lpips_path)"}
     save_json(out / "eval.json", result)
     return result
+
+
+def format_eval(result: dict) -> str:
+    """The evaluation as a table: fitting, generation on held-out avatars, and (labelled apart) on training ones."""
+    metrics = ["psnr", "ssim", "lpips"]
+    g = result["generation"]
+    rows = [("fitting (stage-2 triplanes, training avatars)", result["fitting"]),
+            ("generation, held-out avatars", g["held_out"]),
+            ("generation, training avatars (seen in training)", g["training"])]
+    lines = [f"{'':50s} {'n':>3s} " + " ".join(f"{m.upper():>7s}" for m in metrics)]
+    for name, r in rows:
+        vals = " ".join(f"{r[m]:7.3f}" if m in r else f"{'-':>7s}" for m in metrics)
+        lines.append(f"{name:50s} {len(r.get('avatars', [])):3d} {vals}")
+    c = result.get("consistency", {})
+    if c:
+        lines.append(f"3D consistency refit of a held-out sample: PSNR {c['refit_psnr']:.2f}, SSIM {c['refit_ssim']:.3f}")
+    return "\n".join(lines)
 
 
 def ablate(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", progress: bool = True) -> list[dict]:
