@@ -119,7 +119,7 @@ def test_two_processes_see_disjoint_shards_covering_an_epoch(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     script = Path(__file__).with_name("stream_shards_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(script), str(folder.root),
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(folder.root),
                     str(tmp_path), str(BATCH)], check=True, env=env, timeout=240, capture_output=True)
     ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["sizes"] == [BATCH // 2] * (N // BATCH) for r in ranks)
