@@ -49,7 +49,7 @@ def test_one_step_of_each_task_with_random_weight_svd_parts(body, reference, tin
 def test_a_sequence_three_tiles_long_is_tiled_not_refused(body, reference, tiny_cfg, tiny_parts):
     nerf = HumanNeRF(BodyWarp(body, 8), NeRFConfig(num_samples=4, anchor_stride=8)).eval()
     targets = orbit_targets(reference, nerf.warp, 12)
-    out = synthesize(nerf, tiny_parts, reference, targets, "view", _sample(tiny_cfg, frames=12, tile=4),
+    out = synthesize(nerf, tiny_parts, reference, targets, "view", _sample(tiny_cfg, frames=12, tile=5),
                      progress=False)
     assert out["frames"].shape[0] == 12
     assert float(out["scales"][0]) == 1.0 and float(out["scales"].max()) == 2.0

@@ -13,7 +13,7 @@ from pathlib import Path
 #: Demo scale on top of configs/tiny.yaml: 4 avatars (1 held out), short stage trainings.
 NORMAL = ["data.num_avatars=5", "data.held_out=1", "nerf_train.train.max_steps=40", "video_train.vae_steps=60",
           "video_train.train.max_steps=40", "sample.steps=8", "sample.frames=20"]
-SMALLEST = ["data.num_avatars=3", "data.held_out=1", "data.frames=4", "nerf_train.train.max_steps=3",
+SMALLEST = ["data.num_avatars=2", "data.held_out=1", "data.frames=4", "nerf_train.train.max_steps=3",
             "nerf_train.targets_per_step=1", "nerf.num_samples=12", "video_train.vae_steps=3",
             "video_train.train.max_steps=3", "video.unet.num_frames=4", "sample.tile=4", "sample.overlap=1",
             "sample.steps=2", "sample.frames=6"]
