@@ -90,7 +90,9 @@ def fit_vae(cfg: Any, parts: VideoParts, clips: list[Path], resume: str | None =
             "checkpoint_every": 10**9, "log_every": 25, "progress_bar": progress}
     vae = parts.vae
     trainer = Trainer(tcfg, vae, lambda p: torch.optim.Adam(p, cfg.video_train.vae_lr), step, data,
-                      run_config={"vae": _plain(cfg.video.vae), "data": _plain(cfg.data)})
+                      run_config={"vae": _plain(cfg.video.vae),
+                                  # fitted on the clips only: the stage-1 multi-view dataset does not change it
+                                  "data": {k: v for k, v in _plain(cfg.data).items() if k != "dataset"}})
     if cfg.video_train.vae_steps > 0:
         trainer.train(resume=resume)
     load_vae(cfg, parts)
