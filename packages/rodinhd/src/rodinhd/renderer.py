@@ -51,9 +51,10 @@ class TriplaneField:
         return x, (x.abs() <= 1.0).all(-1)
 
     def __call__(self, points: Tensor, directions: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``rgb [N, 3]``, ``sigma [N]`` at world points (directions are unused: colour is view-independent)."""
+        """``rgb [N, 3]``, ``sigma [N]`` at world points seen along ``directions`` (read only by a decoder with
+        view-dependent colour)."""
         x, inside = self.normalise(points)
-        rgb, sigma = self.decoder.query(self.planes, x)
+        rgb, sigma = self.decoder.query(self.planes, x, directions if self.decoder.view_dependent else None)
         return rgb, sigma * inside.to(sigma.dtype)
 
     def density(self, points: Tensor) -> Tensor:  # [N, 3] -> [N]
