@@ -474,3 +474,62 @@ def test_schedules_are_the_papers():
     assert rodinhd_schedule("cosine") == get_schedule("cosine")  # other names: the kernel's
 
 
+
+
+def test_degradation_augmentation_blurs_downsamples_and_keeps_planes_apart():
+    from rodinhd.augment import degrade_rollout, gaussian_blur
+
+    impulse = torch.zeros(1, 1, 21, 21)
+    impulse[..., 10, 10] = 1.0
+    blurred = gaussian_blur(impulse, 1.5)
+    r = torch.arange(-10, 11, dtype=torch.float32)
+    g = torch.exp(-0.5 * (r / 1.5) ** 2) * (r.abs() <= 5)  # radius ceil(3 sigma) = 5
+    torch.testing.assert_close(blurred[0, 0], torch.outer(g, g) / g.sum() ** 2)
+    const = torch.full((1, 2, 8, 8), 0.7)
+    torch.testing.assert_close(gaussian_blur(const, 2.0), const)
+    lr = torch.randn(2, C, S, 3 * S, generator=torch.Generator().manual_seed(0))
+    up0 = degrade_rollout(lr, torch.zeros(2), 2 * S)
+    torch.testing.assert_close(up0, upsample_rollout_bicubic(lr, 2 * S))
+    hi = degrade_rollout(lr, torch.ones(2), 2 * S)
+
+    def roughness(x):
+        return (x[..., 1:] - x[..., :-1]).pow(2).mean()
+
+    assert roughness(hi) < 0.5 * roughness(up0)  # level 1 removes detail
+    lr = torch.zeros(1, 2, 4, 12)
+    lr[..., 4:8] = 1.0  # plane xz only
+    out = degrade_rollout(lr, torch.ones(1), 8)
+    assert out[..., :8].abs().max() < 1e-6 and out[..., 16:].abs().max() < 1e-6  # no bleeding between planes
+
+
+def upsample_rollout_bicubic(x, size):
+    from rodinhd.unet import planes_to_rollout, rollout_to_planes
+
+    p = rollout_to_planes(x)
+    B, _, Cc, h, w = p.shape
+    up = torch.nn.functional.interpolate(p.reshape(B * 3, Cc, h, w), size=(size, size), mode="bicubic",
+                                         align_corners=False)
+    return planes_to_rollout(up.reshape(B, 3, Cc, size, size))
+
+
+def test_upsampler_with_the_degradation_route_trains_and_samples():
+    torch.manual_seed(0)
+    tok = PortraitTokenizer((8,), (4,), 16, portrait_size=P)
+    unet = TriplaneUNet(2 * S, C, 8, C, channel_mult=(1, 2), num_res_blocks=1, conv3d_resolutions=(16, 8),
+                        context_dim=16, use_scale_shift_norm=False, cond_channels=C, aug_level_embedding=True,
+                        num_heads=2)
+    model = UpsampleDiffusion(unet, tok, context_resolutions=(8,), aug_mode="degrade", aug_max_train=1.0,
+                              aug_sample=0.0)
+    hr, lr = torch.randn(2, C, 2 * S, 6 * S), torch.randn(2, C, S, 3 * S)
+    model.normalizer.fit(hr)
+    seen = []
+    model.unet.register_forward_hook(lambda m, a, kw, o: seen.append(kw["low_res"].clone()), with_kwargs=True)
+    out = model.loss(hr, lr, _features(), generator=torch.Generator().manual_seed(0))
+    from rodinhd.augment import degrade_rollout
+
+    torch.testing.assert_close(seen[-1], degrade_rollout(model.normalizer.normalize(lr), out["aug_level"], 2 * S))
+    out["loss"].backward()
+    sample, info = model.sample(lr, _features(), steps=2, generator=torch.Generator().manual_seed(0), return_info=True)
+    assert sample.shape == hr.shape and info["aug_mode"] == "degrade" and info["aug_level"] == 0.0
+    with pytest.raises(ConfigError):
+        UpsampleDiffusion(unet, tok, context_resolutions=(8,), aug_mode="jpeg")

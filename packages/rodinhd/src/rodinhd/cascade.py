@@ -38,6 +38,7 @@ from avatar_core.diffusion import (
     x0_from_eps,
 )
 from avatar_core.errors import ConfigError, InputError
+from rodinhd.augment import AUG_MODES, degrade_rollout
 from rodinhd.conditioning import PortraitTokenizer, drop_condition, null_features
 from rodinhd.image_loss import StructuralLoss, body_patch_corners, composite, crop_patches
 from rodinhd.image_loss import VGGPerceptual as VGGPerceptual  # where the pipeline and evaluation look for it
@@ -386,10 +387,12 @@ class UpsampleDiffusion(_Conditioned):
         cond_drop_prob: 0.2. guidance_scale: 1.3 (the authors' code uses one scale for sampling).
         variance_type: reverse-step variance of the x0 model: ``fixed_large`` (improved-diffusion's default
             without learned sigma) or ``fixed_small``.
-        aug_schedule, aug_max_train, aug_sample: conditional noise augmentation (Ho et al. 2022, CDM): the
-            upsampled condition is noised as sqrt(ab) x + sqrt(1 - ab) n with ab = aug_schedule's alpha_bar(s);
-            s ~ U[0, aug_max_train] in training, s = aug_sample at sampling. Neither the paper nor the authors' code gives
-            values; ours: Nichol's ``cosine``, 0.3 (noise std up to 0.45 of unit-variance data) and 0.1 (std 0.16).
+        aug_schedule, aug_max_train, aug_sample: conditional augmentation (:mod:`rodinhd.augment`) at level
+            s ~ U[0, aug_max_train] in training, s = aug_sample at sampling. Neither the paper nor the authors' code
+            gives levels; all are ours. ``aug_mode="noise"``: sqrt(ab) x + sqrt(1 - ab) n with ab =
+            aug_schedule's alpha_bar(s) (ours: Nichol's ``cosine``, 0.3 = noise std up to 0.45 of unit-variance
+            data, 0.1 = std 0.16). ``aug_mode="degrade"`` (the authors' route; the paper config's): blur by
+            s * aug_blur_max texels, downsample by 1 + s (aug_down_max - 1), bicubic upsampling.
         render_patch: the renderer callable (see :data:`RenderPatch`); None disables the image-level loss.
         patch_size: rendered patch side (64 px in the authors' code), centred on a body pixel of the target view.
         image_loss_weight: weight of L_Image (1). perceptual_weight: weight of L_Perc inside it: 1 in Eq. 6
@@ -405,7 +408,8 @@ class UpsampleDiffusion(_Conditioned):
                  variance_type: str = "fixed_large", aug_schedule: str = "cosine", aug_max_train: float = 0.3,
                  aug_sample: float = 0.1, render_patch: RenderPatch | None = None, patch_size: int = 64,
                  image_loss_weight: float = 1.0, perceptual_weight: float = 1.0,
-                 perceptual: nn.Module | None = None, background: Sequence[float] = (1.0, 1.0, 1.0)):
+                 perceptual: nn.Module | None = None, background: Sequence[float] = (1.0, 1.0, 1.0),
+                 aug_mode: str = "noise", aug_blur_max: float = 1.0, aug_down_max: float = 2.0):
         super().__init__(unet, tokenizer, context_resolutions, num_steps, schedule, cond_drop_prob,
                          guidance_scale, sample_steps)
         if unet.cond_channels != unet.in_channels or unet.out_channels != unet.in_channels:
@@ -414,6 +418,9 @@ class UpsampleDiffusion(_Conditioned):
                               "build it with cond_channels=C and out_channels=C for x0 prediction")
         if not 0.0 <= aug_sample <= 1.0 or not 0.0 <= aug_max_train <= 1.0:
             raise ConfigError("augmentation levels must lie in [0, 1]", "e.g. aug_max_train=0.3, aug_sample=0.1")
+        if aug_mode not in AUG_MODES:
+            raise ConfigError(f"unknown conditional augmentation {aug_mode!r}", f"use one of {AUG_MODES}")
+        self.aug_mode, self.aug_blur_max, self.aug_down_max = aug_mode, float(aug_blur_max), float(aug_down_max)
         self.variance_type = variance_type
         self.aug_schedule = rodinhd_schedule(aug_schedule)
         self.aug_max_train = float(aug_max_train)
@@ -424,6 +431,13 @@ class UpsampleDiffusion(_Conditioned):
         self.perceptual_weight = float(perceptual_weight)
         self.perceptual = perceptual if perceptual is not None else StructuralLoss()
         self.background = tuple(float(v) for v in background)
+
+    def _augmented(self, low_res: Tensor, level: Tensor, noise: Tensor) -> Tensor:  # raw [B, C, h, 3h] -> [B, C, H, 3W]
+        """The normalised, upsampled and augmented condition of ``aug_mode`` at per-sample ``level``."""
+        if self.aug_mode == "degrade":
+            return degrade_rollout(self.normalizer.normalize(low_res), level, self.unet.image_size,
+                                   self.aug_blur_max, self.aug_down_max)
+        return self.augment_condition(self._condition(low_res), level, noise)
 
     def augment_condition(self, low_res_up: Tensor, level: Tensor,
                           noise: Tensor) -> Tensor:  # [B, C, H, 3W]
@@ -452,7 +466,7 @@ class UpsampleDiffusion(_Conditioned):
         t = torch.randint(0, self.num_steps, (B,), generator=generator).to(x0.device)
         x_t = q_sample(x0, t, _randn(x0.shape, generator, x0), self.alphas_cumprod)
         level = torch.rand(B, generator=generator, dtype=torch.float64) * self.aug_max_train
-        cond = self.augment_condition(self._condition(low_res), level, _randn(x0.shape, generator, x0))
+        cond = self._augmented(low_res, level, _randn(x0.shape, generator, x0))
         feats = self._train_features(features, generator, B, x0.device)
         x0_pred = self.unet(x_t, t, self.context(feats), low_res=cond, aug_level=self._aug_input(level, x0))
         mse = mean_flat((x0_pred - x0) ** 2).mean()
@@ -510,8 +524,7 @@ class UpsampleDiffusion(_Conditioned):
         shape = (B, self.unet.in_channels, size, 3 * size)
         level = torch.full((B,), level_value, dtype=torch.float64)
         ref = torch.empty(0, device=device)
-        cond = self.augment_condition(self._condition(low_res.to(device)), level,
-                                      torch.randn(shape, generator=generator).to(device))
+        cond = self._augmented(low_res.to(device), level, torch.randn(shape, generator=generator).to(device))
         feats, guide = self._sample_features(features, B, device)
         chain = respace(self.alphas_cumprod, space_timesteps(self.num_steps, [steps]))
         ac = chain.alphas_cumprod.to(device)
@@ -524,6 +537,6 @@ class UpsampleDiffusion(_Conditioned):
             x = ddpm_step(x0, x, k, ac, torch.randn(shape, generator=generator).to(x), self.variance_type).to(x.dtype)
         out = self.normalizer.denormalize(x)
         if return_info:
-            return out, {"steps": steps, "guidance_scale": scale, "aug_level": level_value,
+            return out, {"steps": steps, "guidance_scale": scale, "aug_level": level_value, "aug_mode": self.aug_mode,
                          "aug_schedule": type(self.aug_schedule).__name__, "variance_type": self.variance_type}
         return out

@@ -92,6 +92,11 @@ class DecoderConfig:
     color_layers: int = 2
     density_activation: str = "exp"
     density_bias: float = 0.0
+    color_channels: int = 0
+    """0: every channel to the density net (ours); 24 of 32 to the colour net (the authors' network.py)."""
+    view_dependent: bool = False
+    """Colour also reads a frequency encoding of the view direction (the authors'; ours: False)."""
+    dir_frequencies: int = 4
 
 
 @dataclass
@@ -255,9 +260,16 @@ class UpsampleConfig:
     guidance_scale: float = 1.3
     sample_steps: int = 10
     variance_type: str = "fixed_large"
+    aug_mode: str = "noise"
+    """Conditional augmentation (:mod:`rodinhd.augment`): ``degrade`` (blur + downsample + bicubic, the authors'
+    route) or ``noise`` (CDM noise augmentation on ``aug_schedule``); every level is ours."""
     aug_schedule: str = "cosine"
     aug_max_train: float = 0.3
     aug_sample: float = 0.1
+    aug_blur_max: float = 1.0
+    """``degrade``: Gaussian blur std at level 1, in low-resolution texels (ours)."""
+    aug_down_max: float = 2.0
+    """``degrade``: extra area-downsampling factor at level 1 (ours)."""
     patch_size: int = 64
     image_loss_weight: float = 1.0
     perceptual_weight: float = 0.5

@@ -146,7 +146,7 @@ def build_upsample(cfg: RodinHDConfig, feature_channels: Sequence[int], render_p
     return UpsampleDiffusion(unet, tok, list(u.context_resolutions), u.num_steps, u.schedule, u.cond_drop_prob,
                              u.guidance_scale, u.sample_steps, u.variance_type, u.aug_schedule, u.aug_max_train,
                              u.aug_sample, render_patch, u.patch_size, u.image_loss_weight, u.perceptual_weight,
-                             perceptual, cfg.render.background)
+                             perceptual, cfg.render.background, u.aug_mode, u.aug_blur_max, u.aug_down_max)
 
 
 def make_render_patch(decoder: TriplaneDecoder, bound: float, center: Sequence[float], num_samples: int,
