@@ -7,6 +7,7 @@ kernel's dataset format, so the pipeline reads it through the same adapter as th
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from PIL import Image
 from avatar_core.cameras import Cameras, look_at, orbit_cameras
 from avatar_core.data.generate import FORMAT
 from avatar_core.errors import ConfigError, CorruptFileError, InputError, MissingFileError
-from avatar_core.io import load_image, save_image, save_json
+from avatar_core.io import load_image, load_tensors, save_image, save_json
 from rodinhd import pipeline
 from rodinhd.cli import main as cli_main
 from rodinhd.config import load_rodinhd_config
@@ -170,6 +171,25 @@ def test_tiny_run_records_its_standins(run):
     settings = json.loads(Path(result["settings"]).read_text())
     assert [s["name"] for s in settings["standins"]] == ["portrait_vae"]
     assert (out / "cache" / "portrait_features").is_dir() and (out / "cache" / "triplanes_low").is_dir()
+
+
+@pytest.mark.slow
+def test_streamed_base_training_resumes_bit_exactly(run, tmp_path):
+    """Three base steps straight, or two then a resumed third, from the same cached records: identical weights."""
+    _, out, _ = run
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(out, tmp_path / name, ignore=shutil.ignore_patterns("base", "upsample", "samples")))
+
+    cfg = {n: load_rodinhd_config("tiny", MICRO + [f"base.train.max_steps={n}", "base.train.batch_size=2"])
+           for n in (2, 3)}
+    straight, split = copy("straight"), copy("split")
+    pipeline.train_base(cfg[3], straight, resume=False, progress=False)
+    pipeline.train_base(cfg[2], split, resume=False, progress=False)
+    pipeline.train_base(cfg[3], split, resume=True, progress=False)
+    a, _ = load_tensors(pipeline.latest_checkpoint(straight / "base") / "model.safetensors")
+    b, _ = load_tensors(pipeline.latest_checkpoint(split / "base") / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_unknown_config_key_suggests_the_right_one():
