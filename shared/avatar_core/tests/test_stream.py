@@ -103,6 +103,7 @@ def _train(tmp_path, folder, steps, resume):
     return t
 
 
+@pytest.mark.slow
 def test_trainer_on_a_stream_resumes_bit_exactly(tmp_path):
     folder = _folder(tmp_path, _items())
     straight = _train(tmp_path / "a", folder, 7, resume=False)  # 3 batches an epoch: step 7 is mid-epoch
