@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import UNetSpatioTemporalConditionModel
 
 from avatar_core.cameras import orbit_cameras
 from avatar_core.errors import AvatarError, InputError, MissingFileError, MissingWeightsError
@@ -141,3 +142,31 @@ def test_a_kernel_multi_view_dataset_feeds_stage_one(body, tmp_path):
     assert clip.kind == "view" and clip.num_frames == 3
     torch.testing.assert_close(clip.ref_rgba, load_image(avatar / "views" / "000.png"))
     torch.testing.assert_close(clip.rgba[2], load_image(avatar / "views" / "002.png"))
+
+
+def test_an_svd_pipeline_folder_loads_through_the_kernel_and_samples(tmp_path, tiny_parts, tiny_cfg):
+    """Paper-scale loading path (video.pretrained) on a tiny random-weight folder in SVD's diffusers layout."""
+    from omegaconf import OmegaConf
+
+    from gas.sampling import sample_latents
+    from gas.svd_parts import clip_embedding, load_paper_parts, vae_mode
+    from gas.video_unet import ConditioningConfig, task_labels
+
+    folder = tmp_path / "svd"
+    base = UNetSpatioTemporalConditionModel(**OmegaConf.to_container(tiny_cfg.video.unet))
+    base.save_pretrained(folder / "unet")
+    tiny_parts.vae.save_pretrained(folder / "vae")
+    tiny_parts.image_encoder.save_pretrained(folder / "image_encoder")
+    tiny_parts.scheduler.save_pretrained(folder / "scheduler")
+    parts = load_paper_parts(str(folder), ConditioningConfig(**OmegaConf.to_container(tiny_cfg.video.conditioning)))
+    for k, v in base.state_dict().items():
+        assert torch.equal(parts.unet.state_dict()[k], v), k
+    assert parts.scheduler.config.prediction_type == "v_prediction"
+    ref = torch.rand(1, RES, RES, 3)
+    lat = sample_latents(parts, vae_mode(parts, ref), clip_embedding(parts, ref), 3, torch.tensor([1.0, 2.0, 1.0]),
+                         nerf_latents=torch.randn(1, 3, 4, 8, 8), normal_maps=torch.rand(1, 3, 3, RES, RES),
+                         task=task_labels(["view"]), steps=1, tile=8, progress=False)
+    assert lat.shape == (1, 3, 4, 8, 8) and torch.isfinite(lat).all()
+    (folder / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(MissingWeightsError):
+        load_paper_parts(str(folder), ConditioningConfig())
