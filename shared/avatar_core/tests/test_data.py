@@ -92,12 +92,17 @@ def test_captions_name_the_garments_the_texture_shows(dataset):
                 # The texture's typical colour in the garment's region is the colour the caption names.
                 assert _nearest_palette(np.median(tex[region], axis=0)) == g["colour"]
                 seen += 1
-        assert len(attrs["phrases"]) == 3 and all(len(p) < len(attrs["caption"]) for p in attrs["phrases"])
+        # TeRA Sec. 3.1: one description of at most 40 words and five phrase-level ones of 8-16 words
+        assert len(attrs["caption"].split()) <= 40 and len(attrs["phrases"]) == 5
+        assert all(8 <= len(p.split()) <= 16 for p in attrs["phrases"])
     # Many more attribute draws than avatars: every garment's colour, pattern word and type is named.
     rng = np.random.default_rng(0)
     for _ in range(300):
         a = sample_attributes(rng)
-        text = make_captions(a)["caption"]
+        caps = make_captions(a)
+        text = caps["caption"]
+        assert len(text.split()) <= 40 and all(8 <= len(p.split()) <= 16 for p in caps["phrases"])
+        assert all(any(g["colour"] in p and g["type"] in p for g in a["garments"]) for p in caps["phrases"])
         for g in a["garments"]:
             assert g["colour"] in text and g["type"] in text
             word = {"striped": "striped", "checked": "checked", "dotted": "polka-dot"}.get(g["pattern"])

@@ -54,7 +54,7 @@ def load_models(cfg: TeraConfig, with_diffusion: bool = True) -> Models:
                                                            settings["latent_resolution"]):
         raise ConfigError(f"the diffusion model's latent {model.latent_shape} does not match the decoder's",
                           "train the diffusion model again after distilling")
-    return Models(build_avatar(cfg).to(device), decoder.to(device), settings, model, device)
+    return Models(build_avatar(cfg, device), decoder.to(device), settings, model, device)
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -83,8 +83,11 @@ def load_avatar(path: str | Path, models: Models) -> tuple[Tensor, dict]:
                          f"{s['latent_resolution'] * s['upsample_factor']}",
                          "use the run the avatar was generated with")
     if meta.get("num_points") != s["num_points"] or meta.get("point_seed") != s["point_seed"]:
-        log.warning("%s was saved with %s Gaussians (seed %s); decoding with this run's %s (seed %s)", path,
-                    meta.get("num_points"), meta.get("point_seed"), s["num_points"], s["point_seed"])
+        # The latent's texels are read at the run's fixed UV point set: another set is another avatar.
+        raise InputError(f"{path} was made with {meta.get('num_points')} Gaussians (point seed "
+                         f"{meta.get('point_seed')}); this run uses {s['num_points']} (seed {s['point_seed']})",
+                         f"use the run the avatar was generated with, or set body.num_points={meta.get('num_points')} "
+                         f"body.point_seed={meta.get('point_seed')}")
     return tensors["latent"].float(), meta
 
 

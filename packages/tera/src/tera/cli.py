@@ -61,6 +61,15 @@ def _edit(args):
     _print({"dir": res["dir"], "files": res["files"], "seam": res["seam"], "seconds": res["seconds_edit"]})
 
 
+def _recolour(args):
+    from tera.recolour import recolour
+
+    res = recolour(_config(args), args.avatar, args.region, args.colour, out_dir=args.out, strength=args.strength,
+                   overwrite=args.overwrite)
+    _print({"dir": res["dir"], "files": res["files"], "texels_changed": res["texels_changed"],
+            "seconds": res["seconds"]})
+
+
 def _animate(args):
     from tera import pipeline
 
@@ -138,19 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("inpaint", "replace"), default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=None)
-    p = command("animate", "a clip of the avatar with a built-in motion", _animate)
+    p = command("recolour", "texture editing: recolour a UV region of an avatar (geometry kept)", _recolour)
+    p.add_argument("avatar", help="avatar folder or its avatar.safetensors")
+    p.add_argument("--region", required=True, help="e.g. upper_clothes, shoes, arms (join with +)")
+    p.add_argument("--colour", "--color", required=True, help='a palette name ("light blue"), #rrggbb or r,g,b')
+    p.add_argument("--strength", type=float, default=1.0, help="blend with the old colours (1 replaces)")
+    p.add_argument("--out", default=None, help="output folder (default: beside the avatar, "
+                   "<avatar>__recolour_<region>_<colour>_<hash>)")
+    p = command("animate", "a clip of the avatar with a built-in motion or an SMPL-X / AMASS .npz sequence", _animate)
     p.add_argument("avatar")
-    p.add_argument("--motion", default=None, help="walk or wave")
+    p.add_argument("--motion", default=None, help="walk, wave, or the path of an SMPL-X / AMASS .npz pose sequence")
     p.add_argument("--out", default=None, help="output folder for <motion>.mp4 (default: beside the avatar, "
                    "<avatar>__<motion>_<hash>)")
     p = command("export", "canonical PLY + attribute maps (+ posed PLY frames with --motion)", _export)
     p.add_argument("avatar")
     p.add_argument("--out", required=True)
-    p.add_argument("--motion", default=None)
+    p.add_argument("--motion", default=None, help="walk, wave, or an SMPL-X / AMASS .npz pose sequence")
     p = command("evaluate", "text faithfulness, editing errors, latent-resolution ablation", _evaluate)
     p.add_argument("--out", default=None)
     p.add_argument("--no-ablation", action="store_true")
-    for p in (c for c in commands if c.prog.split()[-1] in ("generate", "edit", "animate", "export", "evaluate")):
+    for p in (c for c in commands if c.prog.split()[-1] in ("generate", "edit", "recolour", "animate", "export",
+                                                                    "evaluate")):
         p.add_argument("--overwrite", action="store_true", help="replace an existing result in the output folder "
                        "(its old files are deleted first); input folders are never written")
     for p in commands:  # after each command's own positionals: the overrides take what is left

@@ -266,6 +266,9 @@ class EvaluateConfig:
     """Latent resolutions of the ablation (paper: 256 vs lower)."""
     ablation_steps: int = 100
     """Distillation steps per ablation arm."""
+    ablation_diffusion_steps: int = 100
+    """Stage-2 steps of each ablation arm's generation arm (a diffusion model trained on that arm's latents and
+    scored on the held-out prompts); 0 measures decoder PSNR only."""
     sampler: str = "ddim"
     """Sampler used for the evaluation's many generations."""
     clip_path: str | None = None

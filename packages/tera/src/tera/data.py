@@ -75,7 +75,7 @@ class TeraDataset:
         return self.base.attributes(i)
 
     def captions(self, i: int) -> list[str]:
-        """The long caption and the three phrase variants."""
+        """The long caption and the phrase-level ones (five in datasets written since TeRA's counts)."""
         a = self.attributes(i)
         return [a["caption"], *a["phrases"]]
 
@@ -124,10 +124,10 @@ class TeraDataset:
             self._bodies.move_to_end(i)
             return self._bodies[i]
         p = self.body_params(i)
-        dt = body.template_vertices.dtype
+        ref = body.template_vertices  # the body's dtype and device (a GPU body takes GPU parameters)
         with torch.no_grad():
-            out = body(shape=p["shape"][None].to(dt), pose=p["pose"][None].to(dt),
-                       global_orient=p["global_orient"][None].to(dt), transl=p["transl"][None].to(dt))
+            out = body(shape=p["shape"][None].to(ref), pose=p["pose"][None].to(ref),
+                       global_orient=p["global_orient"][None].to(ref), transl=p["transl"][None].to(ref))
         _remember(self._bodies, i, out, self._sizes["bodies"])
         return out
 

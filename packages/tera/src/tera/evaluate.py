@@ -16,6 +16,7 @@ from torch import Tensor
 
 from avatar_core.config import merge_overrides
 from avatar_core.data.appearance import GARMENT_COLOURS
+from avatar_core.errors import ConfigError
 from avatar_core.io import save_json
 from avatar_core.results import check_result_dir, prepare_result_dir
 from tera import edit as edit_mod
@@ -24,9 +25,10 @@ from tera.config import TeraConfig
 from tera.generate import edit, generate, sample_latents
 from tera.runs import load_dataset, run_paths
 from tera.stage1 import distill
+from tera.stage2 import train
 from tera.uv_gaussians import ATTRIBUTE_SLICES, resize_mask
 
-__all__ = ["CLIP_MEAN", "CLIP_NOT_COMPUTED", "CLIP_STD", "ClipScorer", "avatar_views", "clip_preprocess", "evaluate",
+__all__ = ["CLIP_MEAN", "CLIP_NOT_COMPUTED", "CLIP_STD", "ClipScorer", "ablation_arms", "avatar_views", "clip_preprocess", "evaluate",
            "format_clip", "format_report", "parse_prompt", "score_colour_map"]
 
 _COLOUR_NAMES = sorted(GARMENT_COLOURS, key=len, reverse=True)  # "light blue" before "blue"
@@ -204,6 +206,7 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
     e = cfg.evaluate
     out = Path(out_dir) if out_dir is not None else run_paths(cfg).run / "evaluation"
     edit_mod.parse_regions(e.edit_region)  # a bad region fails before anything is generated
+    arms = ablation_arms(cfg) if ablation else []  # so does an ablation resolution the decoder cannot reach
     check_result_dir(out, EVALUATION_KIND, overwrite, recognise=_is_evaluation)
     models = load_models(cfg)
     ds = load_dataset(cfg)
@@ -309,17 +312,12 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
     report["editing"] = {"region": e.edit_region, "prompt": e.edit_prompt, "source_prompt": e.prompts[0],
                          **edit_rows}
 
-    # The latent-resolution ablation: decoder reconstruction PSNR at two latent resolutions, same budget.
+    # The latent-resolution ablation: at each latent resolution, under the same budgets, a decoder to the main
+    # run's UV resolution (reconstruction PSNR) and a diffusion model on its latents (held-out text score).
     if ablation:
-        rows = {}
-        for r in e.ablation_resolutions:
-            factor = max(1, cfg.teacher.resolution // r)
-            sub = _with(cfg, [f"distill.upsample_factor={factor}"])
-            res = distill(sub, progress=progress, latent_resolution=r, steps=e.ablation_steps,
-                          out_dir=out / f"ablation_r{r}", resume=None)
-            rows[str(r)] = {"psnr_heldout": res.get("psnr_heldout"), "psnr_train": res.get("psnr_train"),
-                            "upsample_factor": factor, "steps": res["steps"], "seconds": res["seconds"]}
-        report["latent_resolution_ablation"] = rows
+        report["latent_resolution_ablation"] = {
+            str(r): _ablation_arm(cfg, r, factor, out / f"ablation_r{r}", parts, sampling, progress)
+            for r, factor in arms}
     report["seconds"] = time.perf_counter() - start
     save_json(out / "evaluation.json", report)
     (out / "evaluation.md").write_text(format_report(report), encoding="utf-8")
@@ -327,6 +325,54 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
 
 
 EVALUATION_KIND = "tera.evaluation"
+
+
+def ablation_arms(cfg: TeraConfig) -> list[tuple[int, int]]:
+    """``(latent resolution, decoder upsample factor)`` per ablation arm: every arm decodes to the main run's UV
+    resolution (``distill.latent_resolution x distill.upsample_factor``, paper 256 x 4 = 1024), so the factor is
+    that resolution over the arm's, which the decoder needs to be a power of two; the teacher features must be a
+    multiple of the arm's resolution to be pooled to it."""
+    d, e = cfg.distill, cfg.evaluate
+    uv = int(d.latent_resolution) * int(d.upsample_factor)
+    arms = []
+    for r in e.ablation_resolutions:
+        r = int(r)
+        factor = uv // r if r > 0 and uv % r == 0 else 0
+        if factor < 1 or factor & (factor - 1):
+            raise ConfigError(f"evaluate.ablation_resolutions: latent {r} cannot be decoded to the main run's UV "
+                              f"resolution {uv} (the decoder upsamples by a power of two)",
+                              f"use resolutions {uv} / 2^k, e.g. {uv // (2 * d.upsample_factor)} and {d.latent_resolution}")
+        if cfg.teacher.resolution % r:
+            raise ConfigError(f"evaluate.ablation_resolutions: the teacher features ({cfg.teacher.resolution}) are not "
+                              f"a multiple of latent {r}", "use resolutions that divide teacher.resolution")
+        arms.append((r, factor))
+    return arms
+
+
+def _ablation_arm(cfg: TeraConfig, r: int, factor: int, folder: Path, parts: dict[str, Tensor],
+                  sampling: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """One arm: stage 1 at latent ``r`` (``evaluate.ablation_steps``), then stage 2 on its latents
+    (``evaluate.ablation_diffusion_steps``) and the held-out text score of its samples."""
+    e = cfg.evaluate
+    sub = _with(cfg, [f"distill.upsample_factor={factor}", f"distill.latent_resolution={r}",
+                      f"distill.train.output_dir={folder}", f"diffusion.train.output_dir={folder / 'diffusion'}",
+                      f"diffusion.train.max_steps={e.ablation_diffusion_steps}"])
+    res = distill(sub, progress=progress, latent_resolution=r, steps=e.ablation_steps, out_dir=folder, resume=None)
+    row = {"psnr_heldout": res.get("psnr_heldout"), "psnr_train": res.get("psnr_train"), "upsample_factor": factor,
+           "uv_resolution": r * factor, "steps": res["steps"], "seconds": res["seconds"]}
+    if e.ablation_diffusion_steps > 0:
+        t0 = time.perf_counter()
+        trained = train(sub, progress=progress, resume=None)
+        models = load_models(sub)
+        rows = []
+        for k, prompt in enumerate(e.prompts):
+            lat = sample_latents(models, [prompt] * e.samples_per_prompt, cfg.seed + k, **sampling)
+            with torch.no_grad():
+                maps = models.decoder(lat.to(models.device)).cpu()[:, ATTRIBUTE_SLICES["rgb"]]
+            rows += [score_colour_map(m, parts, parse_prompt(prompt)) for m in maps]
+        row.update({"held_out_text_score": _mean_score(rows), "diffusion_steps": trained["steps"],
+                    "seconds_generation_arm": time.perf_counter() - t0})
+    return row
 
 
 def _is_evaluation(folder: Path) -> bool:
@@ -360,11 +406,14 @@ def format_report(report: dict[str, Any]) -> str:
                      f" {r['colour_map_mean_abs_change_inside']:.4f} | {r['inside_follows_prompt']:.2f} |"
                      f" {r['seam_ratio_latent']:.3f} | {r['seam_ratio_colour_map']:.3f} |")
     if "latent_resolution_ablation" in report:
-        lines += ["", "## Latent-resolution ablation (decoder reconstruction PSNR, dB)", "",
-                  "| latent resolution | upsample | steps | PSNR held-out views | PSNR training views |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## Latent-resolution ablation (decoder reconstruction PSNR in dB; held-out text score of a "
+                  "diffusion model trained on the arm's latents)", "",
+                  "| latent resolution | upsample -> UV | decoder steps | PSNR held-out views | PSNR training views |"
+                  " diffusion steps | held-out text score |", "|---|---|---|---|---|---|---|"]
         for r, row in report["latent_resolution_ablation"].items():
-            lines.append(f"| {r} | x{row['upsample_factor']} | {row['steps']} | {row['psnr_heldout']:.2f} |"
-                         f" {row['psnr_train']:.2f} |")
+            score = row.get("held_out_text_score")
+            lines.append(f"| {r} | x{row['upsample_factor']} -> {row.get('uv_resolution', '')} | {row['steps']} |"
+                         f" {row['psnr_heldout']:.2f} | {row['psnr_train']:.2f} | {row.get('diffusion_steps', '-')} |"
+                         f" {'-' if score is None else f'{score:.3f}'} |")
     return "\n".join(lines) + "\n"
 

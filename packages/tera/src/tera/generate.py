@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from avatar_core.errors import ConfigError, InputError
+from avatar_core.body.motions import load_motion
+from avatar_core.errors import ConfigError, InputError, MissingFileError
 from avatar_core.io import image_grid, save_image, save_json, save_tensors, write_video
 from avatar_core.results import check_result_dir, prepare_result_dir, result_name, short_hash, slug
 from tera import animate as anim
@@ -61,9 +62,29 @@ def _is_avatar_dir(folder: Path) -> bool:
 
 
 def _check_motion(motion: str) -> str:
+    """A built-in motion's name, or the path of an SMPL-X / AMASS ``.npz`` pose sequence (read by the kernel's
+    :func:`avatar_core.body.motions.load_motion`)."""
+    if str(motion).lower().endswith(".npz"):
+        if not Path(motion).is_file():
+            raise MissingFileError(f"no motion file at {motion}", "pass an SMPL-X / AMASS .npz pose sequence")
+        return str(motion)
     if motion not in anim.MOTIONS:
-        raise InputError(f"unknown motion {motion!r}", f"use one of: {', '.join(anim.MOTIONS)}")
+        raise InputError(f"unknown motion {motion!r}", f"use one of: {', '.join(anim.MOTIONS)}, or an .npz file")
     return motion
+
+
+def _motion_name(motion: str) -> str:
+    return slug(Path(motion).stem, 24, "motion") if motion.lower().endswith(".npz") else motion
+
+
+def _pose(models: Models, g, motion: str, cfg: TeraConfig):
+    """The canonical avatar ``g`` posed by ``motion``: a built-in loop of ``animate.frames`` frames, or the first
+    ``animate.frames`` frames of an ``.npz`` sequence at ``animate.fps`` (root rotation and translation kept)."""
+    a, body = cfg.animate, models.avatar.body
+    if not motion.lower().endswith(".npz"):
+        return anim.animate(models.avatar, g, anim.builtin_motion(body, motion, a.frames).to(models.device))
+    m = load_motion(motion, body, fps=a.fps, frames=slice(0, a.frames))
+    return anim.animate(models.avatar, g, m.poses, global_orient=m.global_orient, transl=m.transl)
 
 
 def _source_dir(avatar_path: str | Path) -> Path:
@@ -155,24 +176,24 @@ def animate(cfg: TeraConfig, avatar_path: str | Path, out: str | Path | None = N
     a = cfg.animate
     motion = _check_motion(motion or a.motion)
     src_dir = _source_dir(avatar_path)
-    clip = {"motion": motion, "frames": a.frames, "fps": a.fps, "size": a.render_size, "source": str(src_dir)}
-    folder = Path(out) if out is not None else src_dir.parent / f"{src_dir.name}__{motion}_{short_hash(clip)}"
+    name = _motion_name(motion)
+    clip = {"motion": str(Path(motion).resolve()) if name != motion else motion, "frames": a.frames, "fps": a.fps,
+            "size": a.render_size, "source": str(src_dir)}
+    folder = Path(out) if out is not None else src_dir.parent / f"{src_dir.name}__{name}_{short_hash(clip)}"
     check_result_dir(folder, ANIMATION_KIND, overwrite, inputs=[avatar_path])
     models = models or load_models(cfg, with_diffusion=False)
     latent, meta = load_avatar(avatar_path, models)
     t0 = time.perf_counter()
     _, g = decode(models, latent)
-    body = models.avatar.body
-    poses = anim.builtin_motion(body, motion, a.frames).to(models.device)
-    frames = anim.animate(models.avatar, g, poses)
+    frames = _pose(models, g, motion, cfg)
     centre = body_centre(frames.means[0])
     cam = turntable_cameras(cfg, 1, centre, a.render_size)
     images = anim.render_frames(models.avatar, frames, cam, tuple(cfg.data.background))
     prepare_result_dir(folder, ANIMATION_KIND, overwrite, inputs=[avatar_path], info={"source": str(avatar_path)})
-    path = folder / f"{motion}.mp4"
+    path = folder / f"{name}.mp4"
     written = write_video(path, images.cpu(), fps=a.fps)
-    strip = save_image(path.with_suffix(".png"), image_grid(images[:: max(1, a.frames // 4)][:4].cpu(), nrow=4))
-    return {"video": str(written), "strip": str(strip), "frames": a.frames, "motion": motion,
+    strip = save_image(path.with_suffix(".png"), image_grid(images[:: max(1, len(images) // 4)][:4].cpu(), nrow=4))
+    return {"video": str(written), "strip": str(strip), "frames": len(images), "motion": motion,
             "seconds": time.perf_counter() - t0}
 
 
@@ -190,11 +211,10 @@ def export(cfg: TeraConfig, avatar_path: str | Path, out_dir: str | Path, motion
              "maps": str(save_tensors(out / "maps.safetensors", {"maps": maps[0].cpu()}, {"source": str(avatar_path)})),
              "maps_png": str(save_image(out / "maps.png", maps_image(maps)))}
     if motion:
-        frames = anim.animate(models.avatar, g, anim.builtin_motion(models.avatar.body, motion,
-                                                                    cfg.animate.frames).to(models.device))
+        frames, name = _pose(models, g, motion, cfg), _motion_name(motion)
         for t in range(len(frames)):
-            frames[t].save_ply(out / f"{motion}_{t:03d}.ply")
-        files["posed"] = f"{out}/{motion}_NNN.ply ({len(frames)} frames)"
+            frames[t].save_ply(out / f"{name}_{t:03d}.ply")
+        files["posed"] = f"{out}/{name}_NNN.ply ({len(frames)} frames)"
     save_json(out / "export.json", {"source": str(avatar_path), "provenance": meta, "files": files})
     return files
 

@@ -16,6 +16,7 @@ Files under ``cfg.run_dir``::
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -89,16 +90,23 @@ def _body(name: str, model_dir: str | None):
     return load_body_model(name, model_dir)
 
 
-@lru_cache(maxsize=4)
-def _avatar(name: str, model_dir: str | None, num_points: int, seed: int, uv_res: int, knn_k: int) -> UVGaussianAvatar:
+@lru_cache(maxsize=8)
+def _avatar(name: str, model_dir: str | None, num_points: int, seed: int, uv_res: int, knn_k: int,
+            device: str = "cpu") -> UVGaussianAvatar:
+    if device != "cpu":  # a copy of the CPU avatar (and its body): never the shared object moved in place
+        return copy.deepcopy(_avatar(name, model_dir, num_points, seed, uv_res, knn_k)).to(device)
     body = _body(name, model_dir)
     return UVGaussianAvatar(body, num_points, seed=seed, knn_k=knn_k, uv_mapper=UVMapper(body, uv_res))
 
 
-def build_avatar(cfg: TeraConfig) -> UVGaussianAvatar:
-    """The UV Gaussian avatar of ``cfg.body`` (body model + fixed UV point set), built once per process."""
+def build_avatar(cfg: TeraConfig, device: torch.device | str | None = None) -> UVGaussianAvatar:
+    """The UV Gaussian avatar of ``cfg.body`` (body model + fixed UV point set) on ``device`` (default CPU), built
+    once per process and device. Callers share the object: move it with this argument, never with ``.to()``,
+    which would move every other caller's avatar too."""
     b = cfg.body
-    return _avatar(b.name, b.model_dir, int(b.num_points), int(b.point_seed), int(b.uv_resolution), int(b.knn_k))
+    dev = str(torch.device(device)) if device is not None else "cpu"
+    return _avatar(b.name, b.model_dir, int(b.num_points), int(b.point_seed), int(b.uv_resolution), int(b.knn_k),
+                   dev)
 
 
 def load_dataset(cfg: TeraConfig, create: bool = False) -> TeraDataset:

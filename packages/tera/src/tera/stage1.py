@@ -70,7 +70,7 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
     latents = LatentSet(cache.folder, lat_ids, r)
     index = {a: i for i, a in enumerate(ds.ids)}
     kept = np.asarray([index[a] for a in lat_ids])  # dataset indices with a latent (all, unless skipped)
-    avatar = build_avatar(cfg).to(device)
+    avatar = build_avatar(cfg, device)  # the device's own copy: the CPU avatar other callers share is not moved
     settings = _decoder_settings(cfg, r)
     with seeded(cfg.seed):  # the initial weights depend on the seed only: runs are reproducible
         decoder = _build_decoder(settings)

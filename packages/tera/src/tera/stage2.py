@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ from tera.standins import resolve_standins
 from tera.streaming import diffusion_loader, latent_moments, latent_set, text_state_cache
 from tera.text import TextCondition, TextConditioner
 
-__all__ = ["load_model", "text_conditioner", "train", "unet_config"]
+__all__ = ["CAPTION_LOG", "load_model", "text_conditioner", "train", "unet_config"]
 
 
 def text_conditioner(cfg: TeraConfig, device: torch.device) -> TextConditioner:
@@ -67,7 +68,13 @@ def train(cfg: TeraConfig, progress: bool = True, resume: str | None = "auto") -
     bs = min(dc.batch_size, len(ids))
     data = diffusion_loader(cfg, latents, ids, states, bs)
 
+    log_path = run_paths(cfg).diffusion / CAPTION_LOG
+    logged: list[dict] = []
+
     def step_fn(m, batch):
+        # Which caption (0: the long description, 1..: the phrases) each avatar of the step trained with.
+        logged.append({"step": trainer.step, "epoch": int(batch["epoch"][0]), "avatars": list(batch["item_id"]),
+                       "captions": [int(k) for k in batch["caption"]]})
         return m(batch["latents"], TextCondition(batch["states"], batch["mask"].bool())), {}
 
     tc = config_to_dict(dc.train)
@@ -79,7 +86,10 @@ def train(cfg: TeraConfig, progress: bool = True, resume: str | None = "auto") -
                           lambda p: torch.optim.AdamW(p, lr=dc.lr, weight_decay=dc.weight_decay), step_fn, data,
                           run_config={**stage_signature(cfg, "diffusion"), "latent_shape": [C, r, r]},
                           config_key="diffusion.train", run_defaults=stage_signature(TeraConfig(), "diffusion"))
-        last = trainer.train(resume=resume)
+        try:
+            last = trainer.train(resume=resume)
+        finally:
+            _write_caption_log(log_path, logged)
         model = trainer.unwrapped_model
         if trainer.ema is not None:
             trainer.ema.copy_to(model)
@@ -91,6 +101,22 @@ def train(cfg: TeraConfig, progress: bool = True, resume: str | None = "auto") -
                   "avatars": len(ids), "standins": standins.names(), "seconds": time.perf_counter() - start}
         save_json(out / "summary.json", result)
     return result
+
+
+#: One JSON line per training step call: the step, its avatars and the caption index each trained with.
+CAPTION_LOG = "captions.jsonl"
+
+
+def _write_caption_log(path, rows: list[dict]) -> None:
+    """The steps this call ran replace the log from its first step on (a resumed run repeats no step)."""
+    if not rows:
+        return
+    first = rows[0]["step"]
+    old = []
+    if path.is_file():
+        old = [r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if r["step"] < first]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in old + rows), encoding="utf-8")
 
 
 def load_model(cfg: TeraConfig, device: torch.device | None = None) -> StructuredLatentDiffusion:

@@ -151,7 +151,7 @@ class _CaptionChoice:
 
     def __call__(self, item: dict, epoch: int) -> dict:
         k = caption_choice(item["states"].shape[0], self.seed, epoch, item["index"], self.variant)
-        return {**item, "states": item["states"][k], "mask": item["mask"][k]}
+        return {**item, "states": item["states"][k], "mask": item["mask"][k], "caption": k}  # k: which caption
 
 
 def _diffusion_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -30,14 +30,22 @@ from torch import Tensor, nn
 
 from avatar_core.body import BodyOutput
 from avatar_core.cameras import Cameras
-from avatar_core.env import resolve_device
 from avatar_core.errors import ConfigError, CorruptFileError, InputError, MissingFileError
 from avatar_core.io import load_json, load_tensors, save_json, save_tensors
 from avatar_core.train import move_aside, run_lock, signature_diff
 from tera.config import TeraConfig
 from tera.data import TeraDataset, training_views
 from tera.distill import PerceptualLoss, render_loss
-from tera.runs import build_avatar, load_dataset, perceptual, posed_render, run_paths, stage_signature, uv_decoder
+from tera.runs import (
+    build_avatar,
+    load_dataset,
+    perceptual,
+    posed_render,
+    run_paths,
+    stage_signature,
+    train_device,
+    uv_decoder,
+)
 from tera.standins import resolve_standins
 from tera.uv_gaussians import UVDecoder, UVGaussianAvatar, composite
 
@@ -297,7 +305,7 @@ def fit_teacher(cfg: TeraConfig, progress: bool = True, create_dataset: bool = F
     standins = resolve_standins(cfg, ("body", "teacher") if t.source == "idol" else ("body", "perceptual", "teacher"))
     # (the paper's files or the allowed stand-ins, checked before any work)
     store = TeacherFeatureStore(run_paths(cfg).teacher, t.channels)
-    resolve_device(cfg.device, cfg.threads)
+    device = train_device(cfg)
     ds = load_dataset(cfg, create=create_dataset)
     if t.source == "idol":
         missing = [a for a in ds.ids if not store.exists(a)]
@@ -314,12 +322,13 @@ def fit_teacher(cfg: TeraConfig, progress: bool = True, create_dataset: bool = F
         check_fit_settings(store.root, signature, stage_signature(TeraConfig(), "teacher"))
         save_json(store.root / FIT_SETTINGS_FILE, {"format": FIT_FORMAT, "signature": signature})
         save_json(store.root / "standins.json", standins.settings())
-        return _fit(cfg, store, ds, progress, start)
+        return _fit(cfg, store, ds, progress, start, device)
 
 
-def _fit(cfg: TeraConfig, store: TeacherFeatureStore, ds: TeraDataset, progress: bool, start: float) -> dict[str, Any]:
+def _fit(cfg: TeraConfig, store: TeacherFeatureStore, ds: TeraDataset, progress: bool, start: float,
+         device: torch.device) -> dict[str, Any]:
     t = cfg.teacher
-    avatar = build_avatar(cfg)
+    avatar = build_avatar(cfg, device)  # the fitter runs where the avatar's buffers are
     fitter = TeacherFitter(
         avatar, store, feature_resolution=t.resolution, decoder=uv_decoder(cfg), lr=t.lr, feature_lr=t.feature_lr,
         lambda_mse=t.lambda_mse, lambda_lpips=t.lambda_lpips, lambda_offset=t.lambda_offset,
