@@ -149,3 +149,27 @@ def test_fit_raises_psnr_and_stage2_keeps_decoder_frozen(tmp_path):
     # A finished avatar is skipped on rerun.
     assert fit_triplanes(get_views, ids, decoder, out, store, s2, rank=0, world_size=1, progress=False) == []
     assert process_shard(3, 4) == (3, 4)
+
+
+@pytest.mark.slow
+def test_distortion_option_concentrates_the_weights_along_rays(tmp_path):
+    """Stage 1's distortion_weight (the authors' code: 2e-5) adds mip-NeRF 360's loss: with a large weight the
+    fitted field's rendering weights end up more concentrated along the rays than without it."""
+    from avatar_core.render.compositing import distortion_loss
+    from avatar_core.render.rays import generate_rays
+    from rodinhd.renderer import TriplaneField, render_triplane_rays
+
+    get_views, ids = _known_views(1, size=12, views=3)
+    _, cams = get_views(ids[0])
+    measured = {}
+    for w in (0.0, 1.0):
+        torch.manual_seed(1)
+        decoder = TriplaneDecoder(C, hidden_dim=16)
+        store = TriplaneStore(tmp_path / f"tp{w}", C, R)
+        fit_shared(get_views, ids, decoder, store, tmp_path / f"s{w}",
+                   _stage1(outer_loops=1, inner_iterations=40, distortion_weight=w), progress=False)
+        o, d = (x.reshape(-1, 3) for x in generate_rays(cams[0]))
+        with torch.no_grad():
+            r = render_triplane_rays(TriplaneField(store.load(ids[0]), decoder), o, d, 16, None, early_stop_eps=0.0)
+        measured[w] = float(distortion_loss(r.weights, r.t_starts, r.t_ends, r.ray_indices, o.shape[0]).mean())
+    assert measured[1.0] < 0.8 * measured[0.0], measured

@@ -120,6 +120,8 @@ class Stage1Config:
     iwc_weight: float = 0.1
     iwc_half: bool = True
     iwc_normalize: bool = False
+    distortion_weight: float = 0.0
+    """mip-NeRF 360's distortion loss (the authors' code: 2e-5; the paper: none)."""
     occupancy: bool = True
     grid_resolution: int = 128
     grid_update_every: int = 16

@@ -19,7 +19,9 @@ gives only constant rates; iteration counts default to the paper (5000 a visit, 
 6000 and 30000). :data:`PAPER_TABLE5` holds the table's numbers as Stage1Config overrides. The IWC penalty keeps
 the paper's 1/2 (Eq. 3; the authors' code applies ``sum F (w* - w)^2`` with weight 0.1 and no 1/2):
 ``iwc_half=False``.
-The code's distortion loss (weight 2e-5) is not implemented.
+The code's distortion loss (mip-NeRF 360's, weight 2e-5; the paper does not mention it) is stage 1's
+``distortion_weight`` option (0 in paper.yaml, 2e-5 in authors_code.yaml), on distances along the ray divided by
+the cube's diagonal (ours: it makes the weight independent of the world's scale).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from avatar_core.errors import ConfigError, CorruptFileError, InputError
 from avatar_core.io import load_tensors, save_tensors
 from avatar_core.metrics import psnr as psnr_fn
 from avatar_core.metrics import ssim as ssim_fn
+from avatar_core.render.compositing import distortion_loss
 from avatar_core.render.occupancy import OccupancyGrid
 from avatar_core.render.rays import generate_rays, sample_pixels
 from avatar_core.train.sharding import process_shard
@@ -103,6 +106,7 @@ class _StepConfig:
     occupancy: bool
     grid_resolution: int
     grid_update_every: int
+    distortion_weight: float = 0.0
 
 
 def _step_config(s: Stage1Config | Stage2Config, bound: float, center: Sequence[float], train_decoder: bool
@@ -111,7 +115,7 @@ def _step_config(s: Stage1Config | Stage2Config, bound: float, center: Sequence[
     return _StepConfig(s.rays_per_step, s.num_samples, float(bound), tuple(float(c) for c in center), s.tv_weight,
                        s.l2_weight, s.l1_weight, s.weight_decay if train_decoder else 0.0,
                        s.iwc_weight if train_decoder else 0.0, s.iwc_half if train_decoder else True, s.occupancy,
-                       s.grid_resolution, s.grid_update_every)
+                       s.grid_resolution, s.grid_update_every, getattr(s, "distortion_weight", 0.0))
 
 
 def _run_visit(
@@ -161,6 +165,10 @@ def _run_visit(
             loss = loss + cfg.l2_weight * planes.pow(2).mean()
         if cfg.l1_weight:
             loss = loss + cfg.l1_weight * planes.abs().mean()
+        if cfg.distortion_weight:
+            scale = 2.0 * math.sqrt(3.0) * cfg.bound  # distances in units of the cube's diagonal
+            loss = loss + cfg.distortion_weight * distortion_loss(
+                out.weights, out.t_starts / scale, out.t_ends / scale, out.ray_indices, rays_o.shape[0]).mean()
         if decoder_opt is not None:
             if cfg.weight_decay:
                 loss = loss + cfg.weight_decay * sum(p.pow(2).sum() for p in decoder.parameters())
@@ -351,6 +359,9 @@ def fit_shared(
 
 
 def _check_same_config(saved: dict, current: dict, path: Path) -> None:
+    # A setting added after the state was written matches when it holds the schema's default.
+    defaults = asdict(Stage1Config())
+    saved = {**{k: defaults[k] for k in current if k not in saved and k in defaults}, **saved}
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if diff:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:6])
