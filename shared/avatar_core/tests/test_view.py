@@ -5,6 +5,8 @@ import json
 import socket
 import subprocess
 import sys
+import time
+import types
 
 import numpy as np
 import pytest
@@ -91,6 +93,7 @@ def test_dataset_folder_lists_avatars_with_captions(tmp_path):
         ("000000", "dataset", "a man in a green jacket", 2), ("000001", "dataset", "a girl in a yellow skirt", 2)]
 
 
+@pytest.mark.slow  # starts the console script once (a few seconds of imports)
 def test_bad_paths_say_what_was_looked_for(tmp_path):
     from avatar_core.view import serve
 
@@ -204,7 +207,7 @@ class _Ball:
 
     aabb = [-0.5, -0.5, -0.5, 0.5, 0.5, 0.5]
 
-    def __call__(self, points):
+    def __call__(self, points, directions=None):
         inside = (points.norm(dim=-1) < 0.3).float()
         return torch.tensor([0.1, 0.8, 0.2]).expand(len(points), 3), 500 * inside
 
@@ -277,5 +280,61 @@ def test_animator_poses_results_on_demand(run_dir):
         assert np.isclose(app._motion_frames[4].centers.mean(0)[0], 0.4, atol=0.05)
         app._pick("export")  # exported frames and the animator's motion side by side
         assert app.motion.options == ("walk",)  # export has no latent: only its own frames
+    finally:
+        app.stop()
+
+
+def test_volume_rendered_at_the_browser_camera_coarse_to_fine(tmp_path):
+    """The kernel's volume renderer at the viewer's camera: the ball's silhouette where a pinhole projects it, and
+    the passes arrive coarse to fine, a stale pose abandoned."""
+    from avatar_core.io import save_tensors
+    from avatar_core.view.progressive import ProgressiveRenderer
+    from avatar_core.view.server import ViewerApp
+
+    got = []
+    done = __import__("threading").Event()
+
+    def show(frame, width):
+        got.append((width, frame))
+        if width == 96:
+            done.set()
+
+    r = ProgressiveRenderer(_Ball(), _Ball.aabb, show, widths=(24, 96), num_samples=96)
+    try:
+        fov = np.radians(40.0)
+        r.request((0.0, 0.0, 2.0), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), fov, 1.0)
+        assert done.wait(60)
+    finally:
+        r.stop()
+    assert [w for w, _ in got] == [24, 96]
+    img = got[-1][1].astype(float)
+    assert img.shape == (96, 96, 3)
+    # Projected radius of a ball of radius 0.3 at distance 2: f * tan(asin(0.3 / 2)), f = 48 / tan(20 deg).
+    f = 48 / np.tan(fov / 2)
+    rad = f * np.tan(np.arcsin(0.3 / 2))
+    yy, xx = np.mgrid[:96, :96] + 0.5
+    d = np.hypot(xx - 48, yy - 48)
+    green = (img[..., 1] - img[..., 0]) > 100  # the ball is (0.1, 0.8, 0.2) on white
+    assert green[d < rad - 1.5].all() and not green[d > rad + 1.5].any()
+
+    sample = tmp_path / "s0"
+    save_tensors(sample / "triplane.safetensors", {"planes": torch.zeros(1)})
+    app = ViewerApp(discover(tmp_path), free_port(18790), triplane_field=lambda p: _Ball())
+    try:
+        app._triplane_job.join(timeout=60)
+        assert app.volume_box.visible and app.points is not None
+        app.volume_box.value = True
+        app._toggle_volume()
+
+        cam = types.SimpleNamespace(position=(0, 0, 2), look_at=(0, 0, 0), up_direction=(0, 1, 0), fov=fov,
+                                    image_width=160, image_height=100)  # a browser camera as viser reports it
+        app._camera_moved(cam)
+        deadline = time.time() + 60
+        while len(app.volume_frames) < 3 and time.time() < deadline:
+            time.sleep(0.1)
+        assert app.volume_frames[:3] == [64, 160, 320]
+        app.volume_box.value = False
+        app._toggle_volume()
+        assert app.volume is None
     finally:
         app.stop()

@@ -8,8 +8,10 @@ The screenshot is kept under the test's tmp folder and copied to ``outputs/test-
 import base64
 import contextlib
 import json
+import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -94,9 +96,11 @@ class Browser:
     """Headless Chromium driven over the DevTools protocol (one launch; the page is polled, not waited for)."""
 
     def __init__(self, profile: Path):
+        # Its own process group: Debian's `chromium` is a wrapper script, the browser and its helpers are children.
         self.proc = subprocess.Popen([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
                                       "--remote-debugging-port=0", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
         ws = None
         for line in self.proc.stderr:  # "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID"
             if "DevTools listening on" in line:
@@ -138,12 +142,24 @@ class Browser:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.ws.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # the whole group: wrapper, browser, renderer, GPU process
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.perf_counter() + 10
+            while time.perf_counter() < deadline:
+                try:
+                    os.killpg(self.proc.pid, 0)  # anyone left in the group?
+                except ProcessLookupError:
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=0.2)  # reap the wrapper
+            else:
+                continue
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ import numpy as np
 
 from avatar_core.errors import AvatarError, InputError, MissingFileError
 from avatar_core.view.discover import LOOKED_FOR, Found, Result, discover
+from avatar_core.view.progressive import ProgressiveRenderer
 from avatar_core.view.scene import (
     Splats,
     density_points,
@@ -101,6 +102,9 @@ class ViewerApp:
         self._current: Result | None = None
         self.points: tuple[np.ndarray, np.ndarray] | None = None  # the last triplane's extracted point cloud
         self._triplane_job: threading.Thread | None = None
+        self._field: Any = None  # the current triplane's radiance field, when a method decodes it
+        self.volume: ProgressiveRenderer | None = None
+        self.volume_frames: list[int] = []  # widths of the volume frames sent, in order
         self._stop = threading.Event()
         self.server.scene.set_up_direction("+y")
         self.server.initial_camera.fov = math.radians(FOV_DEG)
@@ -127,8 +131,12 @@ class ViewerApp:
         self.pick.on_update(lambda _: self._pick(self.pick.value))
         with gui.add_folder("Display"):
             self.body_box = gui.add_checkbox("body mesh", initial_value=False)
+            self.volume_box = gui.add_checkbox("render volume", initial_value=False, visible=False,
+                                               hint="the kernel's volume renderer at this camera, coarse to fine")
             self.before_after = gui.add_button_group("edit", ("before", "after"), visible=False)
         self.body_box.on_update(lambda _: self._toggle_body())
+        self.volume_box.on_update(lambda _: self._toggle_volume())
+        self.server.on_client_connect(lambda client: client.camera.on_update(self._camera_moved))
         self.before_after.on_click(lambda e: self._before_after(e.target.value))
         with gui.add_folder("Playback") as self.playback:
             self.motion = gui.add_dropdown("motion", ("-",), visible=False)
@@ -175,6 +183,11 @@ class ViewerApp:
         self.server.scene.add_gaussian_splats("/result", s.centers, s.covariances, s.rgbs, s.opacities)
 
     def _clear_scene(self) -> None:
+        self._stop_volume()
+        self._field, self.points = None, None
+        self.volume_box.visible = False
+        if self.volume_box.value:
+            self.volume_box.value = False
         for name in ("/result", "/frame", "/reference", "/points"):
             with contextlib.suppress(Exception):
                 self.server.scene.remove_by_name(name)
@@ -226,6 +239,10 @@ class ViewerApp:
         cells), so the page stays responsive and shows something within a second or two."""
         try:
             field = self.triplane_field(res.triplane)
+            with self._lock:
+                if self._current is res:
+                    self._field = field
+                    self.volume_box.visible = True
             for resolution in TRIPLANE_GRIDS:
                 pts, rgb, cell = density_points(field, field.aabb, resolution=resolution)
                 with self._lock:
@@ -234,13 +251,48 @@ class ViewerApp:
                     if len(pts) == 0:
                         self.info.content += "\n\nthe decoded density is empty (no cell above 50% opacity)"
                         return
-                    self.points = (pts, rgb)
-                    self.server.scene.add_point_cloud("/points", pts, rgb, point_size=cell * 1.5,
-                                                      point_shape="circle", point_shading="flat")
+                    self.points, self._point_size = (pts, rgb), cell * 1.5
+                    if self.volume is None:
+                        self.server.scene.add_point_cloud("/points", pts, rgb, point_size=self._point_size,
+                                                          point_shape="circle", point_shading="flat")
                     if resolution == TRIPLANE_GRIDS[0]:
                         self._frame_camera(pts.min(0), pts.max(0))
         except AvatarError as err:  # e.g. the run's decoder is missing: say so, keep serving the views
             self.info.content += f"\n\ncannot decode this triplane: {err}"
+
+    # ------------------------------------------------------------------------------------------ volume
+    def _toggle_volume(self) -> None:
+        """The triplane's volume at the browser's camera through the kernel renderer (in place of its points)."""
+        with self._lock:
+            self._stop_volume()
+            if not self.volume_box.value or self._field is None:
+                return
+            with contextlib.suppress(Exception):
+                self.server.scene.remove_by_name("/points")
+            self.volume = ProgressiveRenderer(self._field, self._field.aabb, self._show_volume)
+            for client in self.server.get_clients().values():
+                self._camera_moved(client.camera)
+
+    def _camera_moved(self, camera) -> None:
+        vol = self.volume
+        if vol is not None:
+            aspect = camera.image_width / camera.image_height if camera.image_height else 1.0
+            vol.request(camera.position, camera.look_at, camera.up_direction, camera.fov, aspect)
+
+    def _show_volume(self, frame: np.ndarray, width: int) -> None:
+        self.volume_frames.append(width)
+        self.server.scene.set_background_image(frame, format="jpeg")
+
+    def _stop_volume(self) -> None:
+        if self.volume is not None:
+            self.volume.stop()
+            self.volume = None
+            with contextlib.suppress(Exception):
+                self.server.scene.set_background_image(None)
+            if self.points is not None and self._current is not None and self._current.kind == "triplane":
+                pts, rgb = self.points
+                self.server.scene.add_point_cloud("/points", pts, rgb, point_size=self._point_size,
+                                                  point_shape="circle", point_shading="flat")
 
     def _frame_camera(self, lo: np.ndarray, hi: np.ndarray) -> None:
         pos, look = front_camera(np.asarray(lo, np.float32), np.asarray(hi, np.float32), FOV_DEG)
