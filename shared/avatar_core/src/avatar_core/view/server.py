@@ -1,8 +1,9 @@
 """``avatar-core view``: the results under a path in the browser, on viser (nerfstudio's viewer library).
 
 One page: a list of results (name, prompt or caption, thumbnail), the chosen one in the 3D scene -- splats for
-Gaussian results (from their PLY), a point cloud extracted from the density for triplanes when a method supplies
-the field (``rodinhd view``), the frames or video beside the reference image for clips and dataset avatars --
+Gaussian results (from their PLY), for triplanes whose method supplies the field (``rodinhd view``) a point cloud
+extracted from the density or the volume rendered by the kernel at the browser's camera, coarse to fine, the frames
+or video beside the reference image for clips and dataset avatars --
 with the body mesh as a toggle, a time slider over a motion's posed frames, a before / after switch for edits, and
 the run's metrics table and training curves from ``metrics.jsonl``. Serves on 127.0.0.1 only.
 """
@@ -226,7 +227,7 @@ class ViewerApp:
             rows.append(f"splats: `{res.ply.name}`")
         if res.kind == "triplane" and self.triplane_field is None:
             rows.append("triplane: its rendered views are shown; open it with `rodinhd view` to see the volume "
-                        "(a point cloud extracted from the decoded density)")
+                        "(a point cloud from the decoded density, or the volume rendered at this camera)")
         if res.source is not None:
             rows.append(f"edit of `{res.source}`")
         for key in ("kind", "region", "seed", "steps", "method"):
