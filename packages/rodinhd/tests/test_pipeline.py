@@ -124,7 +124,7 @@ def test_cli_render_rejects_wrong_shape_triplane(run, tmp_path, capsys):
 
 
 def test_bad_portraits(run, tmp_path):
-    """Not an image, no alpha, not square: clear errors before any model is loaded."""
+    """Not an image, no alpha (and no mask), not square without framing: clear errors before any model is loaded."""
     cfg, out, _ = run
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a png at all")
@@ -136,8 +136,8 @@ def test_bad_portraits(run, tmp_path):
         pipeline.sample(cfg, out, rgb)
     wide = tmp_path / "wide.png"
     Image.new("RGBA", (48, 32), (200, 100, 50, 255)).save(wide)
-    with pytest.raises(InputError, match="square"):
-        pipeline.sample(cfg, out, wide)
+    with pytest.raises(InputError, match="square"):  # framing (the default) accepts it; as it is, it must be square
+        pipeline.sample(cfg, out, wide, frame=False)
     assert not (out / "samples" / "tmp_wide").exists()
 
 

@@ -77,7 +77,8 @@ def _sample(args):
     if args.portrait is not None and args.unconditional:
         raise InputError("--portrait and --unconditional contradict each other",
                          "pass --portrait IMG to condition on it, or --unconditional alone to generate without one")
-    r = sample(_cfg(args), args.out, args.portrait, name=args.name, dest=args.dest, overwrite=args.overwrite)
+    r = sample(_cfg(args), args.out, args.portrait, name=args.name, dest=args.dest, overwrite=args.overwrite,
+               mask=args.mask, frame=not args.no_frame)
     print(f"sampled in {r['base_seconds'] + r['upsample_seconds']:.1f} s (base + upsample)")
     _print(r)
 
@@ -148,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_train(which))
     p = sub.add_parser("sample", help="portrait -> triplane -> 360-degree views, turntable, settings JSON")
     _common(p)
-    p.add_argument("--portrait", default=None, help="RGBA portrait image (square, transparent background)")
+    p.add_argument("--portrait", default=None, help="portrait image: RGBA of any aspect (transparent background), "
+                   "or RGB with --mask; cropped around the person to the training framing (head to chest)")
+    p.add_argument("--mask", default=None, help="person mask for an RGB --portrait (same size, white = person)")
+    p.add_argument("--no-frame", action="store_true", help="use the portrait as it is (it must then be square)")
     p.add_argument("--unconditional", action="store_true", help="generate without a portrait")
     p.add_argument("--name", default=None, help="output sub-folder under <out>/samples (default: unique per "
                    "portrait, seed and sampling settings)")

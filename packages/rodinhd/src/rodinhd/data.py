@@ -17,13 +17,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
 from avatar_core.cameras import Cameras
 from avatar_core.data import AvatarDataset
+from avatar_core.data.stream import ViewsField
 from avatar_core.errors import InputError, MissingFileError
 from avatar_core.io import load_image
 
@@ -86,13 +86,10 @@ class AvatarViews:
         if aid in self._cache:
             self._cache.move_to_end(aid)
             return self._cache[aid]
-        cams = self.cameras_json(aid)
-        frames = cams["views"] if self.views is None else [cams["views"][k] for k in self.views]
-        images = torch.stack([load_image(self._dir(aid) / f["file"]) for f in frames])
-        if images.shape[-1] != 4:
-            raise InputError(f"views of avatar {aid} are not RGBA", "regenerate the dataset")
-        cameras = Cameras(torch.tensor([f["viewmat"] for f in frames]), torch.tensor([f["K"] for f in frames]),
-                          int(cams["width"]), int(cams["height"]))
+        self._dir(aid)  # an unknown id is named with the dataset's ids
+        v = ViewsField(self.root, self.views)(aid)  # the kernel's reader: cameras.json + RGBA views
+        images = v["images"]
+        cameras = Cameras(v["viewmats"], v["Ks"], v["width"], v["height"])
         self._cache[aid] = (images, cameras)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -29,9 +29,9 @@ from avatar_core.render.turntable import turntable
 from avatar_core.results import check_result_dir, prepare_result_dir, result_name
 from rodinhd.conditioning import portrait_features, prepare_portrait
 from rodinhd.config import RodinHDConfig
-from rodinhd.data import load_portrait
 from rodinhd.decoder import TriplaneDecoder
 from rodinhd.models import build_base, build_upsample, feature_channels, get_encoder, load_decoder, load_trained
+from rodinhd.portrait import load_user_portrait
 from rodinhd.renderer import TriplaneField, build_occupancy_grid, render_views
 from rodinhd.streaming import resolve_standins
 from rodinhd.triplane import TriplaneStore, unroll
@@ -125,8 +125,12 @@ def _render_outputs(cfg: RodinHDConfig, planes: Tensor, decoder: TriplaneDecoder
 
 def sample(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", portrait: str | os.PathLike | None = None,
            name: str | None = None, dest: str | os.PathLike | None = None, sampler: TriplaneSampler | None = None,
-           num_views: int | None = None, frames: int | None = None, overwrite: bool = False) -> dict:
+           num_views: int | None = None, frames: int | None = None, overwrite: bool = False,
+           mask: str | os.PathLike | None = None, frame: bool = True) -> dict:
     """``rodinhd sample``: portrait (or none: unconditional) -> base -> upsample -> triplane -> 360-degree renders.
+
+    The portrait is RGBA of any aspect, or RGB with ``mask`` (white = person); it is cropped / padded around the
+    person to the training portraits' framing (:mod:`rodinhd.portrait`) unless ``frame`` is False.
 
     Writes ``triplane.safetensors`` (loadable by ``render``), ``views/``, ``views.png``, ``turntable.mp4`` and
     ``settings.json`` to ``dest`` (default ``<out>/samples/<name>``; without a name, one unique per portrait, seed
@@ -134,14 +138,18 @@ def sample(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", portr
     ``overwrite``.
     """
     out = Path(out)
-    image = load_portrait(portrait) if portrait is not None else None  # validated before any model is loaded
+    if mask is not None and portrait is None:
+        raise InputError("a mask was given without a portrait", "pass --portrait IMG with --mask MASK")
+    # validated (and framed) before any model is loaded
+    image = load_user_portrait(portrait, mask, frame) if portrait is not None else None
     s = cfg.sample
     if dest is None and not name:
         what = Path(portrait).parent.name + "_" + Path(portrait).stem if portrait else "uncond"
-        name = result_name(what, s.seed, {"portrait": str(portrait), "base_steps": s.base_steps,
+        name = result_name(what, s.seed, {"portrait": str(portrait), **({"mask": str(mask)} if mask else {}),
+                                          **({} if frame else {"frame": False}), "base_steps": s.base_steps,
                                           "upsample_steps": s.upsample_steps, "guidance": s.guidance_scale}, n=32)
     dest = Path(dest) if dest is not None else out / "samples" / name
-    inputs = [portrait, *_run_inputs(out)]
+    inputs = [portrait, *([mask] if mask is not None else []), *_run_inputs(out)]
     check_result_dir(dest, SAMPLE_KIND, overwrite, inputs=inputs, what="--dest" if name is None else "--name",
                      recognise=_is_sample)
     gen = sampler or TriplaneSampler(cfg, out)
@@ -153,6 +161,7 @@ def sample(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", portr
     outputs = _render_outputs(cfg, planes, gen.decoder, dest, s.num_views if num_views is None else num_views,
                               s.view_res, s.turntable_frames if frames is None else frames, s.turntable_res)
     settings = {"portrait": str(portrait) if portrait else None, "unconditional": portrait is None,
+                "mask": str(mask) if mask else None, "framed": bool(frame and portrait is not None),
                 "seed": s.seed, "base_steps": s.base_steps or cfg.base.sample_steps,
                 "upsample_steps": s.upsample_steps or cfg.upsample.sample_steps, "guidance_scale": s.guidance_scale,
                 "base_seconds": info["base_seconds"], "upsample_seconds": info["upsample_seconds"],
