@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avatar_core.cli import package_config_dir, resolve_config
 from avatar_core.config import load_config
-from avatar_core.errors import MissingFileError
 from avatar_core.train import TrainConfig
 from gas.human_nerf import NeRFConfig
 from gas.objective import EDMConfig
 from gas.video_unet import ConditioningConfig
 
-CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parents[2] / "configs")
-                   if d.is_dir()), Path(__file__).resolve().parents[2] / "configs")
+#: The package's configs folder: inside the package in a wheel, beside src/ in a checkout.
+CONFIG_DIR = package_config_dir(__file__)
 
 
 @dataclass
@@ -128,16 +128,8 @@ class GASConfig:
 
 
 def config_path(name: str) -> Path:
-    """``tiny`` / ``paper`` (shipped) or a path to a YAML file."""
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise MissingFileError(f"config file {p} not found", "pass tiny, paper or an existing YAML file")
-        return p
-    shipped = CONFIG_DIR / f"{name}.yaml"
-    if not shipped.is_file():
-        raise MissingFileError(f"no shipped config {name!r}", f"use tiny or paper (in {CONFIG_DIR}) or a YAML path")
-    return shipped
+    """``tiny`` / ``paper`` (shipped) or a path to a YAML file (:func:`avatar_core.cli.resolve_config`)."""
+    return resolve_config(name, CONFIG_DIR)
 
 
 def load_gas_config(name: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> Any:

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avatar_core.cli import package_config_dir, resolve_config
 from avatar_core.config import load_config as _load_config
 
-CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parents[2] / "configs")
-                   if d.is_dir()), Path(__file__).resolve().parents[2] / "configs")
+#: The package's configs folder: inside the package in a wheel, beside src/ in a checkout.
+CONFIG_DIR = package_config_dir(__file__)
 
 
 @dataclass
@@ -254,11 +255,8 @@ class GaussianIPConfig:
 
 
 def config_path(name: str | Path) -> Path:
-    """``tiny`` / ``paper`` (the shipped configs) or a YAML path."""
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml"):
-        return p
-    return CONFIG_DIR / f"{name}.yaml"
+    """``tiny`` / ``paper`` (the shipped configs) or a YAML path (:func:`avatar_core.cli.resolve_config`)."""
+    return resolve_config(name, CONFIG_DIR)
 
 
 def load_gaussianip_config(name: str | Path = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> GaussianIPConfig:
