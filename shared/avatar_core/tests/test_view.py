@@ -338,3 +338,23 @@ def test_volume_rendered_at_the_browser_camera_coarse_to_fine(tmp_path):
         assert app.volume is None
     finally:
         app.stop()
+
+
+def test_view_command_tells_overrides_from_the_path(tmp_path, monkeypatch):
+    """`NAME view [PATH] key=value ...`: a config override is never taken for the PATH."""
+    import argparse
+
+    import avatar_core.view as view
+    from avatar_core.cli import add_config_arguments, make_parser
+
+    seen = []
+    monkeypatch.setattr(view, "serve", lambda path, **kw: seen.append((str(path), kw)))
+    parser, sub = make_parser("m", "a method", "0")
+    p = view.add_view_command(sub, default_path="outputs/m", configure=lambda a: {"body": ",".join(a.overrides)})
+    add_config_arguments(p)
+    for argv, want in ((["view", "seed=1"], ("outputs/m", "seed=1")),
+                       (["view", str(tmp_path), "seed=1", "a.b=2"], (str(tmp_path), "seed=1,a.b=2")),
+                       (["view", "--port", "9000"], ("outputs/m", ""))):
+        args = parser.parse_args(argv)
+        assert isinstance(args, argparse.Namespace) and args.func(args) == 0
+        assert (seen[-1][0], seen[-1][1]["body"]) == want

@@ -24,8 +24,13 @@ def add_view_command(sub, default_path: str | None = None, what: str = "results"
     p.add_argument("--port", type=int, default=8080, help="port (the next free one is taken if it is in use)")
 
     def _view(args) -> int:
+        from pathlib import Path
+
+        from avatar_core.cli import OVERRIDE
         from avatar_core.errors import InputError
 
+        if args.path and hasattr(args, "overrides") and OVERRIDE.match(args.path) and not Path(args.path).exists():
+            args.overrides, args.path = [args.path, *args.overrides], None  # a config override, not the PATH
         kwargs = dict(configure(args)) if configure is not None else {}
         fallback = kwargs.pop("path", None) or default_path
         path = args.path or fallback
