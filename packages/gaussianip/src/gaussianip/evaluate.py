@@ -203,6 +203,7 @@ def evaluate(cfg, out: str | Path, overwrite: bool = False, probe_steps: int = 3
                 report["identity"]["arcface_cosine"] = round(float(torch.nn.functional.cosine_similarity(
                     e_in[None], e_out[None])), 3)
     report["vcr_consistency"] = cons
+    report["vcr_on_dataset_views"] = vcr_on_dataset_views(cfg, prior, Path(cfg.dataset.root), h)
     save_json(out / "report.json", report)
     return report
 
