@@ -79,14 +79,14 @@ def test_no_density_far_from_the_body(scene):
     assert bool((sigma_near > 0).all())
 
 
-@pytest.mark.parametrize("mode", ["submanifold", "dense", "off"])
+@pytest.mark.parametrize("mode", ["submanifold", "dense", "none"])
 def test_gradients_reach_every_branch(scene, mode):
     warp, ref, big, cams, img = scene
     model = HumanNeRF(warp, NeRFConfig(**{**SMALL, "voxel_mode": mode}))
     code = model.encode(img, cams[0:1], ref, big)
     rgb, alpha = model.render(code, ref, cams[1:2], stratified=True)
     (rgb.mean() + alpha.mean()).backward()
-    for name in ("encoder", "triplane", "to_token", "attn", "density_layers", "colour") + (() if mode == "off" else ("voxel",)):
+    for name in ("encoder", "triplane", "to_token", "attn", "density_layers", "colour") + (() if mode == "none" else ("voxel",)):
         grads = [p.grad for p in getattr(model, name).parameters()]
         assert any(g is not None and bool(g.abs().sum() > 0) for g in grads), name
 

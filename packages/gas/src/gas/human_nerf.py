@@ -50,7 +50,7 @@ class NeRFConfig:
     """Positional-encoding frequencies of the sampled reference colour (SHERF: 32 dims)."""
     voxel_mode: str = "submanifold"
     """Body-anchored branch: "submanifold" (dense conv with spconv's active-site semantics), "dense" (plain
-    dense 3D conv) or "off"."""
+    dense 3D conv) or "none" (no branch; not "off", which YAML reads as false)."""
     voxel_size: float = 0.05
     """Voxel edge in metres (SHERF: 0.005)."""
     voxel_channels: list[int] | None = None
@@ -170,12 +170,12 @@ class HumanNeRF(nn.Module):
         super().__init__()
         self.warp, self.cfg = warp, cfg
         c = cfg
-        if c.voxel_mode not in ("submanifold", "dense", "off"):
-            raise InputError(f"unknown voxel_mode {c.voxel_mode!r}", "use submanifold, dense or off")
+        if c.voxel_mode not in ("submanifold", "dense", "none"):
+            raise InputError(f"unknown voxel_mode {c.voxel_mode!r}", "use submanifold, dense or none")
         self.encoder = ImageEncoder(c.enc_channels, c.global_dim)
         self.triplane = TriplaneDecoder(c.global_dim, c.triplane_channels, c.triplane_res)
         pix_dim = c.enc_channels + 3 * (1 + 2 * c.rgb_freqs)
-        self.voxel = None if c.voxel_mode == "off" else VoxelNet(
+        self.voxel = None if c.voxel_mode == "none" else VoxelNet(
             pix_dim, c.voxel_channels or [16, 32, 32], c.voxel_out, masked=c.voxel_mode == "submanifold")
         vox_dim = 0 if self.voxel is None else c.voxel_out
         self.to_token = nn.Linear(c.triplane_channels + pix_dim + vox_dim, c.token_dim)
