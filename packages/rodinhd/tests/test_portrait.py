@@ -70,5 +70,5 @@ def test_rgb_with_mask_equals_rgba_and_bad_inputs_get_one_line_errors(tmp_path):
     with pytest.raises(InputError, match="8 pixels wide"):
         load_user_portrait(tmp_path / "thin.png")
     save_image(tmp_path / "empty.png", torch.zeros(64, 64, 4))
-    with pytest.raises(InputError, match="no opaque pixels"):
+    with pytest.raises(InputError, match="fully transparent"):
         load_user_portrait(tmp_path / "empty.png")

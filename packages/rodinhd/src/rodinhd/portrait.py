@@ -44,7 +44,8 @@ def frame_portrait(rgba: Tensor, what: str = "portrait") -> Tensor:  # [H, W, 4]
     alpha = rgba[..., 3]
     person = alpha > ALPHA_THRESHOLD
     if not bool(person.any()):
-        raise InputError(f"{what} has no opaque pixels: there is no person to condition on",
+        raise InputError(f"{what} is fully transparent (no pixel has alpha above 0.5): there is no person to "
+                         "condition on",
                          "pass the portrait with the person opaque (alpha or mask > 0.5), or use --unconditional")
     rows = torch.nonzero(person.any(dim=1)).flatten()
     cols = torch.nonzero(person.any(dim=0)).flatten()
