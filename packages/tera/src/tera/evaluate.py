@@ -26,6 +26,7 @@ from tera.generate import edit, generate, sample_latents
 from tera.runs import load_dataset, run_paths
 from tera.stage1 import distill
 from tera.stage2 import train
+from tera.text_score import ATTRIBUTES, GarmentScorer, garment_scorer, parse_garments
 from tera.uv_gaussians import ATTRIBUTE_SLICES, resize_mask
 
 __all__ = ["CLIP_MEAN", "CLIP_NOT_COMPUTED", "CLIP_STD", "ClipScorer", "ablation_arms", "avatar_views", "clip_preprocess", "evaluate",
@@ -111,6 +112,11 @@ def score_colour_map(rgb: Tensor, parts: dict[str, Tensor], asked: dict[str, str
 def _mean_score(rows: list[dict[str, float]]) -> float:
     vals = [v for r in rows for v in r.values()]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def _per_attribute(rows: list[dict[str, float]]) -> dict[str, list[float]]:
+    """Per attribute of :data:`tera.text_score.ATTRIBUTES` that was asked: ``[mean score, times asked]``."""
+    return {a: [float(np.mean(v)), len(v)] for a in ATTRIBUTES if (v := [r[a] for r in rows if a in r])}
 
 
 #: CLIP's image normalisation (the constants every openai/clip-vit-* release was trained with).
@@ -211,6 +217,7 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
     models = load_models(cfg)
     ds = load_dataset(cfg)
     parts = models.avatar.uv_mapper.part_masks()
+    scorer = garment_scorer(cfg.body.name, cfg.body.model_dir, cfg.data.uv_res)  # regions of the dataset's painter
     sampling = {"sampler": e.sampler, "steps": None, "guidance": cfg.generate.guidance or None}
     # Loaded before any generation so a missing or incomplete CLIP folder fails at once, with nothing spent.
     clip = ClipScorer(e.clip_path, models.device) if e.clip_path else None
@@ -221,7 +228,7 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
     gt_rows = []
     for i in range(len(ds)):
         tex = ds.texture(i).permute(2, 0, 1)
-        gt_rows.append(score_colour_map(tex, parts, parse_prompt(ds.captions(i)[0])))
+        gt_rows.append(scorer.score(tex, parse_garments(ds.captions(i)[0])))
     train_caps = [c for i in range(len(ds)) for c in ds.captions(i)]
 
     def generated_maps(prompts: list[str], seed: int) -> Tensor:  # [B, 13, R, R]
@@ -233,31 +240,34 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
     held_rows, held_vs_random, per_prompt = [], [], []
     clip_emb: list[Tensor] = []  # per held-out prompt: each sample's view-averaged unit image embeddings [S, D]
     for k, prompt in enumerate(e.prompts):
-        asked = parse_prompt(prompt)
+        asked = parse_garments(prompt)
         full = generated_maps([prompt] * e.samples_per_prompt, cfg.seed + k)
         maps = full[:, ATTRIBUTE_SLICES["rgb"]]
         if clip is not None:
             views = [avatar_views(cfg, models, full[i:i + 1], e.clip_views, e.clip_render_size)
                      for i in range(len(full))]
             clip_emb.append(torch.stack([clip.image_embedding(v).mean(0) for v in views]))  # [S, D]
-        rows = [score_colour_map(m, parts, asked) for m in maps]
+        rows = [scorer.score(m, asked) for m in maps]
         held_rows += rows
         other = train_caps[int(rng.integers(len(train_caps)))]
-        held_vs_random += [score_colour_map(m, parts, parse_prompt(other)) for m in maps]
+        held_vs_random += [scorer.score(m, parse_garments(other)) for m in maps]
         per_prompt.append({"prompt": prompt, "asked": asked, "score": _mean_score(rows),
-                           "combination_in_training_set": any(all(parse_prompt(ds.captions(i)[0]).get(a) == v
+                           "combination_in_training_set": any(all(parse_garments(ds.captions(i)[0]).get(a) == v
                                                                    for a, v in asked.items()) for i in range(len(ds)))})
     rand_caps = [train_caps[int(j)] for j in rng.choice(len(train_caps), size=e.random_captions, replace=False)]
     rand_maps = generated_maps(rand_caps, cfg.seed + 1000)[:, ATTRIBUTE_SLICES["rgb"]]
-    rand_rows = [score_colour_map(m, parts, parse_prompt(c)) for m, c in zip(rand_maps, rand_caps)]
+    rand_rows = [scorer.score(m, parse_garments(c)) for m, c in zip(rand_maps, rand_caps)]
     shuffled = rand_caps[1:] + rand_caps[:1]
-    rand_vs_other = [score_colour_map(m, parts, parse_prompt(c)) for m, c in zip(rand_maps, shuffled)]
+    rand_vs_other = [scorer.score(m, parse_garments(c)) for m, c in zip(rand_maps, shuffled)]
     report["text_faithfulness"] = {
         "held_out_prompts": _mean_score(held_rows),
         "held_out_avatars_scored_against_random_caption": _mean_score(held_vs_random),
         "random_training_captions": _mean_score(rand_rows),
         "random_caption_avatars_scored_against_another_caption": _mean_score(rand_vs_other),
         "scorer_on_ground_truth_textures": _mean_score(gt_rows),
+        "per_attribute": {name: _per_attribute(rows) for name, rows in (
+            ("held_out_prompts", held_rows), ("held_out_avatars_scored_against_random_caption", held_vs_random),
+            ("random_training_captions", rand_rows), ("scorer_on_ground_truth_textures", gt_rows))},
         "per_prompt": per_prompt,
         "samples_per_prompt": e.samples_per_prompt,
         "sampler": e.sampler,
@@ -296,8 +306,8 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
         lat_out = (r_["latent"] - r_["source_latent"])[:, ~cells].abs().max().item() if (~cells).any() else 0.0
         diff = (r_["maps"] - src_maps)[0, ATTRIBUTE_SLICES["rgb"]].abs().cpu()  # [3, R, R]
         outside = valid & ~uv_region
-        asked = parse_prompt(e.edit_prompt)
-        inside_score = score_colour_map(r_["maps"][0, ATTRIBUTE_SLICES["rgb"]].cpu(), parts,
+        asked = parse_garments(e.edit_prompt)
+        inside_score = scorer.score(r_["maps"][0, ATTRIBUTE_SLICES["rgb"]].cpu(),
                                         {k: v for k, v in asked.items() if k.startswith("top")})
         cells_map = torch.nn.functional.interpolate(cells[None, None].float(), size=(R, R), mode="nearest")[0, 0] > 0.5
         seam_map = edit_mod.seam_gradient(r_["maps"][0, ATTRIBUTE_SLICES["rgb"]].cpu(), cells_map, valid)
@@ -316,7 +326,7 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
     # run's UV resolution (reconstruction PSNR) and a diffusion model on its latents (held-out text score).
     if ablation:
         report["latent_resolution_ablation"] = {
-            str(r): _ablation_arm(cfg, r, factor, out / f"ablation_r{r}", parts, sampling, progress)
+            str(r): _ablation_arm(cfg, r, factor, out / f"ablation_r{r}", scorer, sampling, progress)
             for r, factor in arms}
     report["seconds"] = time.perf_counter() - start
     save_json(out / "evaluation.json", report)
@@ -349,7 +359,7 @@ def ablation_arms(cfg: TeraConfig) -> list[tuple[int, int]]:
     return arms
 
 
-def _ablation_arm(cfg: TeraConfig, r: int, factor: int, folder: Path, parts: dict[str, Tensor],
+def _ablation_arm(cfg: TeraConfig, r: int, factor: int, folder: Path, scorer: GarmentScorer,
                   sampling: dict[str, Any], progress: bool) -> dict[str, Any]:
     """One arm: stage 1 at latent ``r`` (``evaluate.ablation_steps``), then stage 2 on its latents
     (``evaluate.ablation_diffusion_steps``) and the held-out text score of its samples."""
@@ -369,7 +379,7 @@ def _ablation_arm(cfg: TeraConfig, r: int, factor: int, folder: Path, parts: dic
             lat = sample_latents(models, [prompt] * e.samples_per_prompt, cfg.seed + k, **sampling)
             with torch.no_grad():
                 maps = models.decoder(lat.to(models.device)).cpu()[:, ATTRIBUTE_SLICES["rgb"]]
-            rows += [score_colour_map(m, parts, parse_prompt(prompt)) for m in maps]
+            rows += [scorer.score(m, parse_garments(prompt)) for m in maps]
         row.update({"held_out_text_score": _mean_score(rows), "diffusion_steps": trained["steps"],
                     "seconds_generation_arm": time.perf_counter() - t0})
     return row
@@ -386,12 +396,21 @@ def _with(cfg: TeraConfig, overrides: list[str]) -> TeraConfig:
 
 def format_report(report: dict[str, Any]) -> str:
     """The evaluation as Markdown tables."""
-    lines = ["## Text faithfulness (fraction of asked garment attributes found in the UV colour map)", "",
+    lines = ["## Text faithfulness (fraction of asked garment attributes found in the UV colour map, tera.text_score)", "",
              "| rows | score |", "|---|---|"]
     tf = report["text_faithfulness"]
     for k in ("held_out_prompts", "held_out_avatars_scored_against_random_caption", "random_training_captions",
               "random_caption_avatars_scored_against_another_caption", "scorer_on_ground_truth_textures"):
         lines.append(f"| {k.replace('_', ' ')} | {tf[k]:.3f} |")
+    per = tf.get("per_attribute")
+    if per:
+        cols = list(per)
+        lines += ["", "Per attribute (score, times asked), by body region:", "",
+                  "| attribute | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for a in ATTRIBUTES:
+            cells = [f"{per[c][a][0]:.2f} ({per[c][a][1]})" if a in per[c] else "-" for c in cols]
+            lines.append(f"| {a.replace('_', ' ')} | " + " | ".join(cells) + " |")
     lines += ["", "| held-out prompt | asked | score | combination in training set |", "|---|---|---|---|"]
     for p in tf["per_prompt"]:
         lines.append(f"| {p['prompt']} | {p['asked']} | {p['score']:.2f} | {p['combination_in_training_set']} |")

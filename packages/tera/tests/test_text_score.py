@@ -1,0 +1,49 @@
+"""The per-region text score: the prompt parser on the dataset's caption styles, and the scorer against textures
+painted by the dataset's own painter for sampled attributes (its ceiling), and against other avatars' captions."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from avatar_core.data.appearance import sample_attributes
+from avatar_core.data.captions import make_captions
+from tera.text_score import garment_scorer, parse_garments
+
+
+def test_parse_garments_reads_every_garment_attribute():
+    assert parse_garments("a woman with long brown hair and brown skin wearing a sleeveless red dress and white "
+                          "shoes") == {"top_type": "dress", "top_colour": "red", "sleeves": "none",
+                                       "bottom_type": "dress", "shoes_colour": "white"}
+    assert parse_garments("a grey jacket over a green checked shirt, light blue shorts and black shoes") == {
+        "top_type": "jacket", "top_colour": "grey", "inner_colour": "green", "bottom_type": "shorts",
+        "bottom_colour": "light blue", "shoes_colour": "black"}
+    assert parse_garments("a short-sleeved navy striped shirt on a tall man, full body") == {
+        "top_type": "shirt", "top_colour": "navy", "sleeves": "short"}
+    assert parse_garments("long grey hair, a pink skirt and beige shoes") == {
+        "bottom_type": "skirt", "bottom_colour": "pink", "shoes_colour": "beige"}
+
+
+def test_scorer_reads_painted_textures_and_rejects_other_captions():
+    scorer = garment_scorer("anny", None, 64)
+    from avatar_core.body import load_body_model
+    from avatar_core.data.appearance import TexturePainter
+
+    painter = TexturePainter(load_body_model("anny"), 64)
+    rng = np.random.default_rng(3)
+    attrs = [sample_attributes(rng) for _ in range(16)]
+    own, other = defaultdict(list), defaultdict(list)
+    for k, a in enumerate(attrs):
+        tex, _ = painter.paint(a, np.random.default_rng(k))
+        rgb = tex.permute(2, 0, 1)
+        for caption in [make_captions(a)["caption"], *make_captions(a)["phrases"]]:
+            for key, v in scorer.score(rgb, parse_garments(caption)).items():
+                own[key].append(v)
+        for key, v in scorer.score(rgb, parse_garments(make_captions(attrs[k - 1])["caption"])).items():
+            other[key].append(v)
+    for key in ("top_type", "top_colour", "bottom_type", "bottom_colour", "shoes_colour"):
+        assert np.mean(own[key]) >= 0.85, (key, np.mean(own[key]))
+    for key in ("top_colour", "bottom_colour", "shoes_colour"):  # 17 palette colours: a wrong caption rarely fits
+        assert np.mean(other[key]) <= 0.3, (key, np.mean(other[key]))
+    assert np.mean(own["sleeves"]) >= 0.6  # the weakest reading: skin-toned sleeves look bare
