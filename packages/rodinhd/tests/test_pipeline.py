@@ -212,3 +212,16 @@ def test_evaluate_scores_held_out_and_training_avatars_apart(run, tmp_path):
     assert [row["avatar"] for row in held] == ["000003"] and g["held_out"]["psnr"] == held[0]["psnr"]
     table = format_eval(r)
     assert "held-out avatars" in table and "training avatars (seen in training)" in table
+
+
+def test_ablate_triplane_prints_the_table6_grid(run, capsys):
+    """`rodinhd ablate-triplane`: one fit per resolution x channels on a training avatar, printed as Table 6."""
+    _, out, _ = run
+    code = cli_main(["ablate-triplane", "--out", str(out), "--no-progress", *MICRO, "ablation.sweep_resolutions=[4,8]",
+                     "ablation.sweep_channels=[2,4]", "ablation.sweep_iterations=3", "ablation.rays_per_step=64",
+                     "ablation.num_samples=16", "ablation.eval_num_samples=16"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and printed[-3].split()[-2:] == ["2", "4"]
+    assert [line.split()[0] for line in printed[-2:]] == ["4", "8"]
+    results = json.loads((out / "ablation_triplane" / "results.json").read_text())
+    assert [(r["resolution"], r["channels"]) for r in results] == [(4, 2), (4, 4), (8, 2), (8, 4)]

@@ -23,7 +23,7 @@ from rodinhd.fitting import GetViews, evaluate_fit, fit_shared
 from rodinhd.triplane import TriplaneStore
 
 __all__ = ["ABLATION_ROWS", "NAIVE_INNER_RATIO", "PAPER_ROWS", "ablation_row_settings", "ablate_fitting",
-           "format_table"]
+           "format_sweep", "format_table", "triplane_sweep"]
 
 #: Table 5: the naive row's single visit (15000) over a task-replay visit (5000).
 NAIVE_INNER_RATIO = 15000 // 5000
@@ -127,4 +127,50 @@ def format_table(results: Sequence[dict]) -> str:
         sched = f"{r['outer_loops']} x {r['inner_iterations']}"
         lines.append(f"{r['row']:<{width}} {sched:>13} {r['psnr']:>7.2f} {r['ssim']:>6.3f} {r['psnr_earliest']:>11.2f} "
                      f"{r['ssim_earliest']:>11.3f}")
+    return "\n".join(lines)
+
+
+def triplane_sweep(
+    get_views: GetViews,
+    avatar_id: str,
+    out_dir: str | os.PathLike,
+    resolutions: Sequence[int],
+    channels: Sequence[int],
+    iterations: int,
+    stage1: Stage1Config | None = None,
+    decoder: DecoderConfig | None = None,
+    *,
+    eval_num_samples: int = 128,
+    bound: float = 1.0,
+    center: Sequence[float] = (0.0, 0.0, 0.0),
+    seed: int = 0,
+    progress: bool = False,
+) -> list[dict]:
+    """Table 6 small: fit one avatar's views with a triplane of each resolution x channel count (triplane and a
+    fresh seeded decoder jointly, one visit of ``iterations``) and score the fit on those views (PSNR / SSIM).
+    Returns ``[{"resolution", "channels", "psnr", "ssim"}]``; each cell writes under ``out_dir/r<res>_c<ch>``."""
+    base = replace(stage1 if stage1 is not None else Stage1Config(), outer_loops=1, inner_iterations=int(iterations),
+                   iwc_weight=0.0, weight_decay=0.0)
+    results = []
+    for res in resolutions:
+        for ch in channels:
+            torch.manual_seed(seed)
+            net = TriplaneDecoder.from_config(int(ch), decoder if decoder is not None else DecoderConfig())
+            cell = Path(out_dir) / f"r{int(res)}_c{int(ch)}"
+            store = TriplaneStore(cell / "triplanes", int(ch), int(res))
+            fit_shared(get_views, [avatar_id], net, store, cell, base, bound=bound, center=center, seed=seed,
+                       progress=progress)
+            score = evaluate_fit(get_views, [avatar_id], net, store, bound=bound, center=center,
+                                 num_samples=eval_num_samples)[str(avatar_id)]
+            results.append({"resolution": int(res), "channels": int(ch), "psnr": score["psnr"], "ssim": score["ssim"]})
+    return results
+
+
+def format_sweep(results: Sequence[dict]) -> str:
+    """Table 6's layout: PSNR by resolution (rows) and channels (columns)."""
+    chans = sorted({r["channels"] for r in results})
+    lines = ["Res. \\ Ch. " + " ".join(f"{c:>7d}" for c in chans)]
+    for res in sorted({r["resolution"] for r in results}):
+        cells = {r["channels"]: r["psnr"] for r in results if r["resolution"] == res}
+        lines.append(f"{res:<11d} " + " ".join(f"{cells[c]:7.2f}" if c in cells else f"{'-':>7s}" for c in chans))
     return "\n".join(lines)

@@ -106,6 +106,13 @@ def _ablate(args):
     print(format_table(results))
 
 
+def _ablate_triplane(args):
+    from rodinhd.ablation import format_sweep
+    from rodinhd.evaluate import ablate_triplane
+
+    print(format_sweep(ablate_triplane(_cfg(args), args.out, progress=not args.no_progress)))
+
+
 def _train_all(args):
     from rodinhd.pipeline import train_all
 
@@ -174,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate-fitting", help="the Table 4(a) fitting ablation on a small set; prints the table")
     _common(p)
     p.set_defaults(func=_ablate)
+    p = sub.add_parser("ablate-triplane", help="Table 6 small: fitting PSNR by triplane resolution x channels")
+    _common(p)
+    p.set_defaults(func=_ablate_triplane)
     p = sub.add_parser("train-all", help="dataset -> stage 1 -> stage 2 -> base -> upsample -> one sample")
     _common(p)
     p.add_argument("--evaluate", action="store_true", help="also run evaluate at the end")

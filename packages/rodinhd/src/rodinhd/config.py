@@ -333,6 +333,10 @@ class AblationConfig:
     num_samples: int = 128
     occupancy: bool = False
     eval_num_samples: int = 128
+    sweep_resolutions: list[int] = field(default_factory=lambda: [8, 16, 32])
+    """``rodinhd ablate-triplane`` (Table 6 small): triplane resolutions x channels fitted to one avatar."""
+    sweep_channels: list[int] = field(default_factory=lambda: [2, 4, 8])
+    sweep_iterations: int = 250
 
 
 @dataclass

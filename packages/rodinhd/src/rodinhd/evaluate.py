@@ -26,7 +26,7 @@ from rodinhd.renderer import render_views
 from rodinhd.sample import TriplaneSampler
 from rodinhd.triplane import TriplaneStore
 
-__all__ = ["ablate", "evaluate", "format_eval", "refit_consistency"]
+__all__ = ["ablate", "ablate_triplane", "evaluate", "format_eval", "refit_consistency"]
 
 
 def _on(bg: Tensor, rgba: Tensor) -> Tensor:  # [..., 4] straight alpha -> [..., 3]
@@ -153,3 +153,21 @@ def ablate(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", progr
     return results
 
 
+def ablate_triplane(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd", progress: bool = True) -> list[dict]:
+    """``rodinhd ablate-triplane``: Table 6 small, the fitting PSNR of one training avatar for each triplane
+    resolution x channel count of ``ablation.sweep_*`` (:func:`rodinhd.ablation.triplane_sweep`)."""
+    from rodinhd.ablation import format_sweep, triplane_sweep
+
+    out = Path(out)
+    a = cfg.ablation
+    data = open_data(cfg, out)
+    stage1 = replace(to_settings(cfg.stage1), rays_per_step=a.rays_per_step, num_samples=a.num_samples,
+                     occupancy=a.occupancy)
+    results = triplane_sweep(data.get_views, data.train_ids[0], out / "ablation_triplane", list(a.sweep_resolutions),
+                             list(a.sweep_channels), a.sweep_iterations, stage1, to_settings(cfg.decoder),
+                             eval_num_samples=a.eval_num_samples, seed=cfg.seed, progress=progress,
+                             **triplane_kwargs(cfg))
+    (out / "ablation_triplane").mkdir(parents=True, exist_ok=True)
+    (out / "ablation_triplane" / "table.txt").write_text(format_sweep(results) + "\n", encoding="utf-8")
+    save_json(out / "ablation_triplane" / "results.json", results)
+    return results
