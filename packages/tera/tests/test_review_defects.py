@@ -222,4 +222,8 @@ def test_evaluate_joined_region_and_both_ablation_arms(run, tmp_path):
     uv = cfg.distill.latent_resolution * cfg.distill.upsample_factor
     assert {r: (a["upsample_factor"], a["uv_resolution"]) for r, a in arms.items()} == {"4": (4, uv), "8": (2, uv)}
     assert all(0.0 <= a["held_out_text_score"] <= 1.0 and a["diffusion_steps"] == 1 for a in arms.values())
-    assert "held-out text score" in (tmp_path / "ev" / "evaluation.md").read_text()
+    md = (tmp_path / "ev" / "evaluation.md").read_text()
+    assert "held-out text score" in md and "Body shape from text" in md
+    shape = report["shape"]  # stage 2 trained the shape head; every held-out shape prompt is read back as words
+    assert set(shape["head"]) == {"stature", "build", "age"} and len(shape["per_prompt"]) == len(sub.evaluate.shape_prompts)
+    assert all(0.0 <= v <= 1.0 for v in [*shape["head"].values(), *shape["mean_shape"].values()])

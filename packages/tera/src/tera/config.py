@@ -266,6 +266,17 @@ class EvaluateConfig:
     """Latent resolutions of the ablation (paper: 256 vs lower)."""
     ablation_steps: int = 100
     """Distillation steps per ablation arm."""
+    shape_prompts: list[str] = field(default_factory=lambda: [
+        "a tall heavy-set elderly man in a teal shirt and grey trousers",
+        "a short slim young woman in a teal shirt and grey trousers",
+        "a tall slim middle-aged woman in a maroon dress",
+        "a short heavy-set young man in a white shirt and navy shorts",
+        "a muscular middle-aged man in a yellow jacket over a black shirt and blue trousers",
+        "a tall elderly woman in a green shirt and a black skirt",
+        "a short slim middle-aged man in a red shirt and beige shorts",
+        "a heavy-set young woman in an orange shirt and white trousers",
+    ])
+    """Held-out prompts asking for stature / build / age words: the shape table (tera.shape_text)."""
     ablation_diffusion_steps: int = 100
     """Stage-2 steps of each ablation arm's generation arm (a diffusion model trained on that arm's latents and
     scored on the held-out prompts); 0 measures decoder PSNR only."""

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from avatar_core.config import merge_overrides
 from avatar_core.data.appearance import GARMENT_COLOURS
+from avatar_core.data.stats import seeded_subset
 from avatar_core.errors import ConfigError
 from avatar_core.io import save_json
 from avatar_core.results import check_result_dir, prepare_result_dir
@@ -24,6 +25,7 @@ from tera.avatars import Models, body_centre, load_models, turntable_cameras
 from tera.config import TeraConfig
 from tera.generate import edit, generate, sample_latents
 from tera.runs import load_dataset, run_paths
+from tera.shape_text import load_shape_head, shape_table
 from tera.stage1 import distill
 from tera.stage2 import train
 from tera.text_score import ATTRIBUTES, GarmentScorer, garment_scorer, parse_garments
@@ -273,6 +275,15 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
         "sampler": e.sampler,
     }
 
+    # Body shape from text: the words the predicted shapes read as, against the asked ones (tera.shape_text).
+    report["shape"] = None
+    head = load_shape_head(run_paths(cfg).diffusion)
+    if head is not None and models.diffusion is not None:
+        mean_shape = torch.stack([ds.body_params(i)["shape"].float()
+                                  for i in seeded_subset(len(ds), cfg.data.stats_items or None, cfg.seed)]).mean(0)
+        report["shape"] = shape_table(head.to(models.device), models.diffusion.text, models.avatar.body,
+                                      list(e.shape_prompts), mean_shape)
+
     # CLIP score: mean over views of 100 x cosine, i.e. 100 x (mean of the unit view embeddings) . text.
     report["clip_score"] = None
     if clip is not None:
@@ -415,6 +426,16 @@ def format_report(report: dict[str, Any]) -> str:
     for p in tf["per_prompt"]:
         lines.append(f"| {p['prompt']} | {p['asked']} | {p['score']:.2f} | {p['combination_in_training_set']} |")
     lines += [""] + format_clip(report.get("clip_score"))
+    shape = report.get("shape")
+    if shape:
+        lines += ["", "## Body shape from text (words the predicted body reads as; '' asks for the middle)", "",
+                  "| words | shape head | training mean shape (before) |", "|---|---|---|"]
+        lines += [f"| {k} | {shape['head'][k]:.2f} | {shape['mean_shape'][k]:.2f} |" for k in shape["head"]]
+        lines += ["", "| held-out prompt | asked | generated (height m) |", "|---|---|---|"]
+        for r in shape["per_prompt"]:
+            g = r["generated"]
+            lines.append(f"| {r['prompt']} | {'/'.join(r['asked'].values())} | "
+                         f"{g['stature']}/{g['build']}/{g['age']} ({g['height_m']}) |")
     ed = report["editing"]
     lines += ["", f"## Editing: region `{ed['region']}`, prompt \"{ed['prompt']}\"", "",
               "| method | latent max abs change outside | colour map mean abs change outside | inside | "

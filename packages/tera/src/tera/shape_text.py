@@ -20,7 +20,8 @@ from torch import Tensor
 from avatar_core.data.appearance import _AGE_ANNY, _AGE_YEARS, describe_body
 from tera.text import TextCondition
 
-__all__ = ["ShapeHead", "fit_shape_head", "pooled", "shape_words"]
+__all__ = ["SHAPE_HEAD_FILE", "ShapeHead", "fit_shape_head", "load_shape_head", "parse_shape_words", "pooled", "shape_table",
+           "shape_words", "train_shape_head"]
 
 
 def pooled(cond: TextCondition) -> Tensor:  # [B, L, D] -> [B, D]: mean over the real tokens
@@ -68,3 +69,74 @@ def shape_words(body, shape: Tensor) -> dict[str, str]:
     years = float(np.interp(p["age"], _AGE_ANNY, _AGE_YEARS))
     attrs = {"gender": "woman" if p["gender"] >= 0.5 else "man", "phenotype": p, "age_years": years}
     return {**describe_body(attrs, height), "height_m": f"{height:.3f}"}
+
+
+SHAPE_HEAD_FILE = "shape_head.safetensors"
+SHAPE_HEAD_FORMAT = "tera.shape_head/1"
+
+
+def train_shape_head(text_cache, ids, ds, text_dim: int, steps: int = 400, seed: int = 0,
+                     max_avatars: int | None = 4096) -> tuple[ShapeHead, dict]:
+    """Fit a :class:`ShapeHead` on stage 2's cached caption states (every caption of a seeded subset of at most
+    ``max_avatars`` avatars, pooled, so memory is ``captions x D``) against each avatar's body shape."""
+    from avatar_core.data.stats import seeded_subset
+
+    index = {a: i for i, a in enumerate(ds.ids)}
+    chosen = [ids[i] for i in seeded_subset(len(ids), max_avatars or None, seed)]
+    feats, shapes = [], []
+    for a in chosen:
+        item = text_cache.get(a)
+        feats.append(pooled(TextCondition(item["states"].float(), item["mask"].bool())))  # [K, D]
+        shapes.append(ds.body_params(index[a])["shape"].float().expand(feats[-1].shape[0], -1))
+    x, y = torch.cat(feats), torch.cat(shapes)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        head = ShapeHead(text_dim, y.shape[1])
+    # Pooled vectors as one-token conditions: the head pools them to themselves.
+    losses = fit_shape_head(head, TextCondition(x[:, None], torch.ones(len(x), 1, dtype=torch.bool)), y,
+                            steps=steps, seed=seed)
+    info = {"format": SHAPE_HEAD_FORMAT, "text_dim": text_dim, "shape_dim": int(y.shape[1]), "hidden": 128,
+            "avatars": len(chosen), "captions": len(x), "final_loss": float(np.mean(losses[-20:]))}
+    return head.eval(), info
+
+
+_WORDS = {"stature": ("tall", "short"), "build": ("heavy-set", "slim", "muscular"),
+          "age": ("young", "middle-aged", "elderly")}
+
+
+def parse_shape_words(prompt: str) -> dict[str, str]:
+    """The stature / build / age words a prompt asks for ('' where it names none, which asks for the middle)."""
+    words = prompt.lower().replace(",", " ").split()
+    return {k: next((w for w in words if w in options), "") for k, options in _WORDS.items()}
+
+
+def load_shape_head(folder) -> ShapeHead | None:
+    """The run's shape head (``<diffusion>/shape_head.safetensors``), or None for runs trained before it."""
+    from pathlib import Path
+
+    from avatar_core.io import load_tensors
+
+    path = Path(folder) / SHAPE_HEAD_FILE
+    if not path.is_file():
+        return None
+    tensors, info = load_tensors(path)
+    head = ShapeHead(int(info["text_dim"]), int(info["shape_dim"]), int(info["hidden"]))
+    head.load_state_dict(tensors)
+    return head.eval()
+
+
+@torch.no_grad()
+def shape_table(head: ShapeHead, text, body, prompts, baseline_shape: Tensor) -> dict:
+    """Per prompt the asked and generated words; per word kind the match rate of the head and of one fixed
+    ``baseline_shape`` (the training mean: what every avatar got before)."""
+    rows, hits, base = [], {k: [] for k in _WORDS}, {k: [] for k in _WORDS}
+    fixed = shape_words(body, baseline_shape)
+    for prompt in prompts:
+        asked = parse_shape_words(prompt)
+        got = shape_words(body, head(text([prompt]))[0])
+        rows.append({"prompt": prompt, "asked": asked, "generated": got})
+        for k in _WORDS:
+            hits[k].append(float(got[k] == asked[k]))
+            base[k].append(float(fixed[k] == asked[k]))
+    return {"per_prompt": rows, "head": {k: float(np.mean(v)) for k, v in hits.items()},
+            "mean_shape": {k: float(np.mean(v)) for k, v in base.items()}}

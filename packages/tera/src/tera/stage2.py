@@ -12,11 +12,12 @@ import torch
 from avatar_core.config import config_to_dict
 from avatar_core.env import resolve_device
 from avatar_core.errors import ConfigError, MissingFileError
-from avatar_core.io import save_json
+from avatar_core.io import save_json, save_tensors
 from avatar_core.train import Trainer, run_lock, seeded
 from tera.config import TeraConfig
 from tera.latent_diffusion import StructuredLatentDiffusion
 from tera.runs import load_dataset, run_paths, stage_signature, train_device
+from tera.shape_text import SHAPE_HEAD_FILE, train_shape_head
 from tera.standins import resolve_standins
 from tera.streaming import diffusion_loader, latent_moments, latent_set, text_state_cache
 from tera.text import TextCondition, TextConditioner
@@ -96,6 +97,10 @@ def train(cfg: TeraConfig, progress: bool = True, resume: str | None = "auto") -
         if not trainer.accelerator.is_main_process:
             return {"steps": trainer.step}
         model.save(out / "model")
+        # Body shape from text (tera.shape_text): a head on the same cached caption states.
+        head, head_info = train_shape_head(states, ids, ds, text.dim, seed=cfg.seed,
+                                           max_avatars=cfg.data.stats_items or None)
+        save_tensors(out / SHAPE_HEAD_FILE, head.state_dict(), head_info)
         save_json(out / "standins.json", standins.settings())
         result = {"steps": trainer.step, "final_loss": last.get("loss"), "latent_shape": [C, r, r],
                   "avatars": len(ids), "standins": standins.names(), "seconds": time.perf_counter() - start}
