@@ -203,7 +203,11 @@ def evaluate(cfg, out: str | Path, overwrite: bool = False, probe_steps: int = 3
                 report["identity"]["arcface_cosine"] = round(float(torch.nn.functional.cosine_similarity(
                     e_in[None], e_out[None])), 3)
     report["vcr_consistency"] = cons
-    report["vcr_on_dataset_views"] = vcr_on_dataset_views(cfg, prior, Path(cfg.dataset.root), h)
+    if cfg.dataset.views % 8 == 0:
+        report["vcr_on_dataset_views"] = vcr_on_dataset_views(cfg, prior, Path(cfg.dataset.root), h)
+    else:
+        report["vcr_on_dataset_views"] = {"not_measured": f"the dataset has {cfg.dataset.views} views per avatar; "
+                                                          "VCR's principal + key views need a multiple of 8"}
     save_json(out / "report.json", report)
     return report
 
@@ -227,6 +231,7 @@ def vcr_on_dataset_views(cfg, prior, root: Path, index: int, refine_steps: tuple
     cj = ds.cameras(index)
     cams = Cameras(item["viewmats"], item["Ks"], cj["width"], cj["height"])
     az, _, _ = spherical_coordinates(cams)
+    az = torch.round(az * 1000) / 1000  # the orbit's exact angles, for the view plan
     white = (item["images"] + (1 - item["masks"][..., None])).clamp(0, 1)  # [V, H, W, 3]
     body = load_body_model("anny")
     with torch.no_grad():
