@@ -1,4 +1,5 @@
-"""Appearance of the synthetic avatars: attribute sampling and UV texture painting.
+"""Appearance of the synthetic avatars: attribute sampling and UV texture painting (faces in :mod:`.faces`,
+palettes in :mod:`.palettes`, whose names callers import from here too).
 
 Every region is defined on the body's surface in 3D, on the *template* (average-shape, rest-pose) position
 of each texel, so boundaries are clean lines on the body whatever the UV layout, and a texel means the same
@@ -20,53 +21,21 @@ from torch import Tensor
 
 from avatar_core.body.model import OPENPOSE_18, PART_NAMES, BodyModel
 from avatar_core.body.uv import UVMapper
-
-# --------------------------------------------------------------------------------------------------
-# Palettes (sRGB in [0, 1])
-# --------------------------------------------------------------------------------------------------
-
-GARMENT_COLOURS: dict[str, tuple[float, float, float]] = {
-    "black": (0.08, 0.08, 0.09), "white": (0.93, 0.93, 0.91), "grey": (0.52, 0.53, 0.55),
-    "navy": (0.11, 0.15, 0.36), "blue": (0.16, 0.36, 0.78), "light blue": (0.55, 0.72, 0.90),
-    "red": (0.78, 0.12, 0.13), "maroon": (0.45, 0.08, 0.14), "green": (0.18, 0.55, 0.24),
-    "dark green": (0.08, 0.30, 0.16), "olive": (0.45, 0.45, 0.20), "yellow": (0.95, 0.82, 0.20),
-    "orange": (0.93, 0.48, 0.12), "pink": (0.94, 0.56, 0.70), "purple": (0.46, 0.24, 0.60),
-    "brown": (0.42, 0.27, 0.15), "beige": (0.83, 0.75, 0.60), "teal": (0.10, 0.50, 0.52),
-}
-SKIN_TONES: dict[str, tuple[float, float, float]] = {
-    "pale": (0.96, 0.84, 0.76), "fair": (0.92, 0.76, 0.64), "light": (0.86, 0.68, 0.54),
-    "medium": (0.76, 0.56, 0.40), "tan": (0.66, 0.46, 0.31), "brown": (0.50, 0.33, 0.21),
-    "dark": (0.33, 0.21, 0.14),
-}
-HAIR_COLOURS: dict[str, tuple[float, float, float]] = {
-    "black": (0.06, 0.05, 0.05), "dark brown": (0.20, 0.12, 0.07), "brown": (0.38, 0.24, 0.13),
-    "auburn": (0.50, 0.20, 0.10), "red": (0.70, 0.28, 0.12), "blonde": (0.85, 0.70, 0.42),
-    "grey": (0.60, 0.60, 0.60), "white": (0.88, 0.87, 0.84),
-}
-EYE_COLOURS: dict[str, tuple[float, float, float]] = {
-    "brown": (0.32, 0.18, 0.08), "dark brown": (0.16, 0.09, 0.05), "blue": (0.25, 0.45, 0.70),
-    "green": (0.28, 0.48, 0.30), "hazel": (0.45, 0.35, 0.15), "grey": (0.45, 0.50, 0.55),
-}
-HAIR_STYLES = ("short", "buzz", "bob", "long", "bald")
-#: Painted face features (identity beyond colour); recorded under ``attributes["face"]``, never in captions.
-BROW_THICKNESS = {"thin": 0.0018, "medium": 0.0028, "thick": 0.0042}  # half-height in metres
-LIP_FULLNESS = {"thin": 0.0055, "medium": 0.0075, "full": 0.0095}  # vertical semi-axis in metres
-LIP_TINTS: dict[str, tuple[float, float, float]] = {"natural": (0.85, 0.55, 0.55), "rose": (0.95, 0.45, 0.50),
-                                                    "dark": (0.60, 0.35, 0.35)}
-FACIAL_HAIR = ("none", "stubble", "moustache", "beard")
-GLASSES = ("none", "round", "square")
-GLASSES_COLOURS: dict[str, tuple[float, float, float]] = {"black": (0.05, 0.05, 0.05), "brown": (0.35, 0.2, 0.1),
-                                                          "gold": (0.8, 0.65, 0.3)}
-PATTERNS = ("solid", "striped", "checked", "dotted")
-TOP_TYPES = ("shirt", "jacket")
-BOTTOM_TYPES = ("trousers", "shorts", "skirt")
-GARMENT_TYPES = ("shirt", "jacket", "dress", "trousers", "shorts", "skirt")
-
-#: Labels of the per-avatar segment map (``segments.png``), one per painted region.
-SEGMENT_NAMES: tuple[str, ...] = (
-    "none", "skin", "hair", "eyes", "brows", "lips", "shirt", "jacket", "dress", "trousers", "shorts",
-    "skirt", "shoes", "facial_hair", "glasses",
+from avatar_core.data.faces import paint_face, sample_face
+from avatar_core.data.palettes import (  # noqa: F401
+    BOTTOM_TYPES,
+    EYE_COLOURS,
+    GARMENT_COLOURS,
+    GARMENT_TYPES,
+    HAIR_COLOURS,
+    HAIR_STYLES,
+    PATTERNS,
+    SEGMENT_NAMES,
+    SKIN_TONES,
+    TOP_TYPES,
 )
+from avatar_core.data.palettes import pick as _pick
+from avatar_core.data.palettes import rgb as _rgb
 
 #: Texels of padding copied outwards around every UV chart, so bilinear lookups at seams stay on colour.
 _GUTTER = 4
@@ -85,10 +54,6 @@ def anny_age(years: float) -> float:
     """Anny's ``age`` phenotype for an age in years (teenagers to the elderly)."""
     return float(np.interp(years, _AGE_YEARS, _AGE_ANNY))
 
-
-def _pick(rng: np.random.Generator, options, p=None):
-    options = list(options)
-    return options[int(rng.choice(len(options), p=p))]
 
 
 def _contrasting(rng: np.random.Generator, colour: str, min_diff: float = 0.3) -> str:
@@ -180,27 +145,6 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, Any]:
     }
 
 
-def sample_face(rng: np.random.Generator, gender: str) -> dict[str, Any]:
-    """Painted face features that tell people apart beyond colour: brows, lips, nose shading, facial hair, glasses."""
-    face: dict[str, Any] = {
-        "brow_thickness": _pick(rng, BROW_THICKNESS),
-        "brow_arch": float(rng.uniform(0.0, 0.008)),
-        "brow_tilt": float(rng.uniform(-0.004, 0.004)),
-        "lip_fullness": _pick(rng, LIP_FULLNESS),
-        "lip_width": float(rng.uniform(0.017, 0.026)),
-        "lip_tint": _pick(rng, LIP_TINTS),
-        "nose_shading": float(rng.uniform(0.0, 1.0)),
-        "facial_hair": "none",
-        "glasses": "none",
-    }
-    if gender == "man":
-        face["facial_hair"] = _pick(rng, FACIAL_HAIR, [0.55, 0.15, 0.1, 0.2])
-    if rng.random() < 0.25:
-        face["glasses"] = _pick(rng, GLASSES[1:])
-        face["glasses_colour"] = _pick(rng, GLASSES_COLOURS)
-    return face
-
-
 def phenotype_vector(attributes: dict[str, Any], names: tuple[str, ...]) -> Tensor:  # [len(names)]
     """The body model's shape vector from the attributes' phenotype (Anny's order)."""
     return torch.tensor([float(attributes["phenotype"][n]) for n in names])
@@ -228,9 +172,6 @@ def _smoothstep(edge0: float, edge1: float, x: Tensor) -> Tensor:
     t = ((x - edge0) / (edge1 - edge0)).clamp(0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
 
-
-def _rgb(palette: dict[str, tuple[float, float, float]], name: str) -> Tensor:
-    return torch.tensor(palette[name], dtype=torch.float32)
 
 
 @dataclass
@@ -430,90 +371,6 @@ class TexturePainter:
         theta = torch.atan2(x, z - float(lm.neck[2]))
         return amount, theta
 
-    def _paint_face(self, tex: Tensor, seg: Tensor, attributes: dict[str, Any], skin: Tensor,
-                    hair_rgb: Tensor) -> tuple[Tensor, Tensor]:
-        """Cheeks, eyes (sclera, iris, pupil, lash line), brows and lips on the face texels ``[N]``."""
-        lm = self.lm
-        x, y, z = self.pos[self._face_index].unbind(-1)
-        for eye in (lm.eye_l, lm.eye_r):
-            cheek = (x - eye[0]) ** 2 + (y - (eye[1] - 0.035)) ** 2
-            blush = 0.08 * torch.exp(-cheek / (2 * 0.012**2))
-            tex = tex * (1 - blush[:, None]) + torch.tensor([0.85, 0.35, 0.35]) * blush[:, None]
-        iris_rgb = _rgb(EYE_COLOURS, attributes["eye_colour"])
-        grey = attributes["hair"]["colour"] in ("white", "grey")
-        brow_rgb = hair_rgb * (0.7 if grey else 0.8)
-        for eye in (lm.eye_l, lm.eye_r):
-            dx, dy = x - eye[0], y - eye[1]
-            near = z > float(eye[2]) - 0.03
-            e = (dx / 0.0115) ** 2 + (dy / 0.0048) ** 2
-            sclera = near & (e < 1.0)
-            r = torch.sqrt(dx**2 + dy**2)
-            tex[sclera] = torch.tensor([0.92, 0.90, 0.87])
-            tex[sclera & (r < 0.0055)] = iris_rgb
-            tex[sclera & (r < 0.0024)] = torch.tensor([0.03, 0.03, 0.03])
-            lash = near & (e >= 1.0) & (e < 1.7) & (dy > -0.001)
-            tex[lash] = tex[lash] * 0.35
-            seg[sclera] = SEGMENT_NAMES.index("eyes")
-            # An arched brow over each eye, its outer end a little lower (thickness, arch and tilt per face).
-            face = attributes.get("face", {})
-            arch = float(face.get("brow_arch", 0.004))
-            tilt = float(face.get("brow_tilt", 0.0)) * (dx * torch.sign(eye[0])) / 0.02
-            half = BROW_THICKNESS.get(face.get("brow_thickness", ""), 0.0028)
-            arc = eye[1] + 0.017 + arch * (1 - (dx / 0.02) ** 2) + tilt
-            brow = near & (dx.abs() < 0.02) & ((y - arc).abs() < half) & ((dx * torch.sign(eye[0])) > -0.014)
-            tex[brow] = brow_rgb
-            seg[brow] = SEGMENT_NAMES.index("brows")
-        face = attributes.get("face", {})
-        my = lm.mouth_y
-        nose = lm.nose
-        front = z > float(nose[2]) - 0.06
-        if face:
-            # Nose shading: darker sides and a lit ridge, stronger for a more sculpted nose.
-            k = float(face["nose_shading"])
-            ny0, ny1 = float(nose[1]), float(lm.eye_l[1]) - 0.005
-            along = ((y - ny0) / (ny1 - ny0)).clamp(0, 1)
-            on_nose = front & (y > ny0 - 0.006) & (y < ny1)
-            side = on_nose & (x.abs() > 0.006) & (x.abs() < 0.013 + 0.004 * (1 - along))
-            ridge = on_nose & (x.abs() < 0.003)
-            tex[side] = tex[side] * (1 - 0.25 * k)
-            tex[ridge] = (tex[ridge] * (1 + 0.12 * k)).clamp(0, 1)
-            tex[front & ((x / 0.012) ** 2 + ((y - ny0 + 0.004) / 0.004) ** 2 < 1.0)] *= 1 - 0.2 * k  # nostrils
-        lip_h = LIP_FULLNESS.get(face.get("lip_fullness", ""), 0.0075)
-        lip_w = float(face.get("lip_width", 0.022))
-        lips = front & ((x / lip_w) ** 2 + ((y - my) / lip_h) ** 2 < 1.0)
-        lip_rgb = skin * torch.tensor(LIP_TINTS.get(face.get("lip_tint", ""), (0.85, 0.55, 0.55))) + torch.tensor([0.06, 0.0, 0.0])
-        tex[lips] = lip_rgb
-        tex[lips & ((y - my).abs() < 0.0011)] = lip_rgb * 0.45
-        seg[lips] = SEGMENT_NAMES.index("lips")
-        hair = face.get("facial_hair", "none")
-        if hair != "none":
-            chin = my - 0.045
-            if hair == "moustache":
-                region = front & (x.abs() < lip_w + 0.004) & (y > my + lip_h * 0.6) & (y < float(nose[1]) - 0.007)
-                amount = 0.9
-            else:
-                region = front & ~lips & (y < float(nose[1]) - 0.007) & (y > chin - 0.015) & (x.abs() < 0.06)
-                amount = 0.35 if hair == "stubble" else 0.9
-            tex[region] = tex[region] * (1 - amount) + hair_rgb * 0.8 * amount
-            seg[region] = SEGMENT_NAMES.index("facial_hair")
-        if face.get("glasses", "none") != "none":
-            frame_rgb = torch.tensor(GLASSES_COLOURS[face["glasses_colour"]])
-            for eye in (lm.eye_l, lm.eye_r):
-                dx, dy = x - eye[0], y - eye[1]
-                if face["glasses"] == "round":
-                    d = torch.sqrt(dx**2 + dy**2)
-                    rim = (d > 0.016) & (d < 0.0185)
-                else:
-                    d = torch.maximum(dx.abs() / 0.019, dy.abs() / 0.013)
-                    rim = (d > 0.9) & (d < 1.0)
-                rim = rim & (z > float(eye[2]) - 0.03)
-                tex[rim] = frame_rgb
-                seg[rim] = SEGMENT_NAMES.index("glasses")
-            bridge = front & (x.abs() < 0.012) & ((y - float(lm.eye_l[1]) - 0.002).abs() < 0.0012)
-            tex[bridge] = frame_rgb
-            seg[bridge] = SEGMENT_NAMES.index("glasses")
-        return tex, seg
-
     # ---- the painter -----------------------------------------------------------------------------
 
     def paint(self, attributes: dict[str, Any], rng: np.random.Generator) -> tuple[Tensor, Tensor]:
@@ -531,7 +388,7 @@ class TexturePainter:
         # Face features at the keypoints, painted on the front-of-head texels only.
         hair_rgb = _rgb(HAIR_COLOURS, attributes["hair"]["colour"])
         fi = self._face_index
-        tf, sf = self._paint_face(tex[fi], seg[fi], attributes, skin, hair_rgb)
+        tf, sf = paint_face(self.pos[fi], lm, tex[fi], seg[fi], attributes, skin, hair_rgb)
         tex[fi], seg[fi] = tf, sf
 
         # Shoes, then bottoms, then tops: later garments cover earlier ones where they overlap.
