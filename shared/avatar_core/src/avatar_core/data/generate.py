@@ -52,6 +52,7 @@ from avatar_core.errors import ConfigError, InputError
 from avatar_core.io import image_grid, load_image, save_image, save_json, save_tensors
 from avatar_core.io.tensors import fsync_dir
 from avatar_core.results import check_writable
+from avatar_core.train.lock import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +407,7 @@ def generate_dataset(
     for leftover in (root / "avatars").glob(".*.tmp-*"):
         # A run that stopped while writing this avatar; a live process's folder is another shard at work.
         pid = leftover.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
+        if not (pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid))):
             shutil.rmtree(leftover, ignore_errors=True)
     todo = [i for i in range(k, num, n) if overwrite or not is_complete(root, i)]
     if len(todo) < len(range(k, num, n)):
@@ -423,16 +424,6 @@ def generate_dataset(
     if all(is_complete(root, i) for i in range(min(16, num))):
         write_contact_sheet(root)
     return root
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_meta(root: Path, settings: dict[str, Any], gen: AvatarGenerator) -> None:

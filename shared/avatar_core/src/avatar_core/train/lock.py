@@ -46,7 +46,8 @@ def _proc_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[-1].split()[19]  # field 22; the name in parentheses may hold spaces
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """A process with this pid exists on this host (one owned by another user counts as alive)."""
     if pid <= 0:
         return False
     try:
@@ -80,7 +81,7 @@ def is_stale(owner: dict[str, Any]) -> bool:
     if owner.get("host") != socket.gethostname():
         return False
     pid = owner.get("pid")
-    if not isinstance(pid, int) or not _pid_alive(pid):
+    if not isinstance(pid, int) or not pid_alive(pid):
         return True
     start = owner.get("start")
     return start is not None and _proc_start(pid) not in (None, start)
