@@ -53,3 +53,28 @@ def test_nearest_matches_brute_force(body):
     chosen = (pts.double() - posed.vertices.double()[ids]).norm(dim=-1)
     torch.testing.assert_close(chosen, exact.min(-1).values, atol=1e-6, rtol=0)
     torch.testing.assert_close(d.double(), exact.min(-1).values, atol=1e-5, rtol=0)
+
+
+def test_every_vertex_anchors_equal_the_kernel_nearest_vertex_skinning(body):
+    """With every vertex an anchor, the warp is the kernel's k = 1 binding (bind_to_surface(vertex_only=True)) with
+    unskin in the source pose and skin in the destination, the rest vertices travelling as vertex offsets."""
+    from avatar_core.body.skinning import bind_to_surface, skin_gaussians, unskin_gaussians
+
+    warp = BodyWarp(body, anchor_stride=1)
+    shape, posed = _posed(warp, body, seed=3)
+    big = warp.pose(shape, warp.big_pose(shape))
+    g = torch.Generator().manual_seed(2)
+    pts = posed.vertices[torch.randint(body.num_vertices, (2000,), generator=g)] + 0.03 * torch.randn(2000, 3, generator=g)
+    ids, _ = warp.nearest(pts, posed)
+    ours = warp.warp(pts, ids, posed, big)
+
+    import numpy as np
+
+    pose = build_pose(body, shape, sample_pose_params(np.random.default_rng(3)))
+    src = body.forward(shape=shape[None], pose=pose[None], global_orient=torch.tensor([[0.0, 0.3, 0.0]]),
+                       transl=torch.tensor([[0.1, 0.0, -0.2]]))
+    dst = body.forward(shape=shape[None], pose=warp.big_pose(shape)[None])
+    binding = bind_to_surface(body, pts, src.vertices[0], vertex_only=True)
+    canon, _ = unskin_gaussians(binding, src.transforms, pts[None], vertex_offsets=src.rest_vertices, faces=body.faces)
+    kernel, _ = skin_gaussians(binding, dst.transforms, canon, vertex_offsets=dst.rest_vertices, faces=body.faces)
+    torch.testing.assert_close(ours, kernel[0].to(ours.dtype), atol=1e-6, rtol=0)

@@ -11,6 +11,16 @@ same angle here) and arms at +-30 deg from the A-pose's horizontal-ish line, so 
 canonical point has one clear nearest body part. GAS uses SMPL (6,890 vertices); the kernel's default body is Anny
 (13,718 vertices), of which ``anchor_stride`` picks every k-th vertex as the anchors for skinning, nearest-vertex
 queries and body-anchored features.
+
+With every vertex an anchor (``anchor_stride=1``) :meth:`BodyWarp.warp` equals the kernel's SHERF rule,
+:func:`~avatar_core.body.skinning.bind_to_surface` with ``vertex_only=True`` in the source pose, then
+:func:`~avatar_core.body.skinning.unskin_gaussians` / :func:`~avatar_core.body.skinning.skin_gaussians` with the
+two bodies' ``rest_vertices`` as vertex offsets (a test checks it). It is kept separate for what the NeRF's
+per-step queries need and the kernel does not do: nearest vertex among a subset of anchors (the kernel binds to
+the full mesh), one k-d tree per posed body reused across steps and a brute-force search on accelerators (the
+kernel builds a CPU tree per call), transforms blended once per anchor and gathered per point (the kernel blends
+all joints per point), and view directions carried by the same 3x3 parts (the kernel rotates quaternions by
+their polar factor).
 """
 
 from __future__ import annotations
