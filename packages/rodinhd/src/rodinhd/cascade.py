@@ -7,9 +7,8 @@
 - :class:`UpsampleDiffusion`: high-resolution roll-outs, x0-prediction, the ``rodin_sigmoid`` schedule over 100
   steps, conditioned on the bilinearly upsampled low-res triplane with conditional noise augmentation, plus the
   image-level loss of Eq. 6: patches rendered from the predicted triplane against the ground-truth view images.
-- :class:`TriplaneNormalizer`: fitted triplanes are not unit-variance; a per-channel shift/scale measured on the data
-  maps them to zero mean, unit variance before diffusion and back after sampling. It is a submodule, so it is saved
-  in the model's state dict.
+- Both hold a :class:`rodinhd.normalizer.TriplaneNormalizer` as a submodule, so its statistics are saved in the
+  model's state dict.
 
 Both models take and return *raw* (un-normalised) roll-outs [B, C, H, 3W]; normalisation happens inside.
 """
@@ -17,7 +16,7 @@ Both models take and return *raw* (un-normalised) roll-outs [B, C, H, 3W]; norma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,7 @@ from avatar_core.errors import ConfigError, InputError
 from rodinhd.augment import AUG_MODES, degrade_rollout
 from rodinhd.conditioning import PortraitTokenizer, drop_condition, null_features
 from rodinhd.image_loss import StructuralLoss, body_patch_corners, composite, crop_patches
-from rodinhd.image_loss import VGGPerceptual as VGGPerceptual  # where the pipeline and evaluation look for it
+from rodinhd.normalizer import TriplaneNormalizer
 from rodinhd.unet import TriplaneUNet, planes_to_rollout, rollout_to_planes
 
 #: render_patch(triplane [B, C, H, 3W] raw roll-out, cameras (one per triplane), rows [B, P] long,
@@ -101,90 +100,6 @@ def discretized_gaussian_log_likelihood(
 def mean_flat(x: Tensor) -> Tensor:  # [B, ...] -> [B]
     """Mean over all but the batch axis."""
     return x.reshape(x.shape[0], -1).mean(dim=1)
-
-
-# -- normalisation -------------------------------------------------------------------------------------------------
-
-class TriplaneNormalizer(nn.Module):
-    """Per-channel shift/scale to zero mean, unit variance, measured on the training triplanes.
-
-    Args: channels (C), per_channel (True: one mean/std per channel; False: one for all), eps (std floor).
-    ``fit(triplanes)`` takes roll-outs [N, C, H, 3W] (or planes [N, 3, C, H, W]); the statistics live in buffers.
-    """
-
-    def __init__(self, channels: int, per_channel: bool = True, eps: float = 1e-6):
-        super().__init__()
-        self.per_channel = per_channel
-        self.eps = eps
-        self.register_buffer("mean", torch.zeros(channels))
-        self.register_buffer("std", torch.ones(channels))
-        self.register_buffer("low", torch.full((channels,), -float("inf")))
-        self.register_buffer("high", torch.full((channels,), float("inf")))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
-
-    @torch.no_grad()
-    def fit(self, triplanes: Tensor | Iterable[Tensor]) -> TriplaneNormalizer:
-        """Measure mean, standard deviation and range on a batch, or stream over an iterable of batches.
-
-        Statistics accumulate in float64 batch by batch, so a whole dataset can be streamed from disk.
-        """
-        batches = [triplanes] if isinstance(triplanes, Tensor) else triplanes
-        C = self.mean.shape[0]
-        total = torch.zeros(C, dtype=torch.float64)
-        total_sq = torch.zeros(C, dtype=torch.float64)
-        lo = torch.full((C,), float("inf"), dtype=torch.float64)
-        hi = torch.full((C,), -float("inf"), dtype=torch.float64)
-        count = 0
-        for b in batches:
-            if b.ndim == 5:
-                b = planes_to_rollout(b)
-            if b.ndim != 4 or b.shape[1] != C:
-                raise InputError(f"triplanes for normalisation must be [N, {C}, H, 3W], got {tuple(b.shape)}",
-                                 "pass roll-outs of the model's channel count")
-            x = b.detach().transpose(0, 1).reshape(C, -1).double().cpu()
-            if not torch.isfinite(x).all():
-                raise InputError("triplanes contain NaN or infinite values", "refit the affected avatars")
-            total += x.sum(dim=1)
-            total_sq += (x * x).sum(dim=1)
-            lo = torch.minimum(lo, x.min(dim=1).values)
-            hi = torch.maximum(hi, x.max(dim=1).values)
-            count += x.shape[1]
-        if count < 2:
-            raise InputError("no triplane values to fit the normaliser on", "pass at least one triplane")
-        if not self.per_channel:
-            total, total_sq = total.sum().expand(C), total_sq.sum().expand(C)
-            lo, hi, count = lo.min().expand(C), hi.max().expand(C), count * C
-        mean = total / count
-        var = ((total_sq - count * mean**2) / (count - 1)).clamp(min=0.0)
-        std = var.sqrt().clamp(min=self.eps)
-        self.mean.copy_(mean.float())
-        self.std.copy_(std.float())
-        self.low.copy_(((lo - mean) / std).float())
-        self.high.copy_(((hi - mean) / std).float())
-        self.fitted.fill_(True)
-        return self
-
-    def _check(self) -> None:
-        if not bool(self.fitted):
-            raise ConfigError("the triplane normaliser has not been fitted",
-                              "call model.normalizer.fit(training_triplanes) before training (it is then saved "
-                              "with the model)")
-
-    def normalize(self, x: Tensor) -> Tensor:  # [B, C, H, 3W]
-        self._check()
-        return (x - self.mean[:, None, None]) / self.std[:, None, None]
-
-    def denormalize(self, x: Tensor) -> Tensor:  # [B, C, H, 3W]
-        self._check()
-        return x * self.std[:, None, None] + self.mean[:, None, None]
-
-    def clip(self, x: Tensor) -> Tensor:  # [B, C, H, 3W] normalised
-        """Clamp a normalised x0 prediction to the per-channel range seen in the training data.
-
-        The data-driven counterpart of improved-diffusion's ``clip_denoised`` (x0 clamped to the image range
-        [-1, 1]): at the first sampling steps alpha_t is ~1e-10 and an eps-derived x0 is otherwise unbounded.
-        """
-        return torch.maximum(torch.minimum(x, self.high[:, None, None]), self.low[:, None, None])
 
 
 def upsample_rollout(x: Tensor, size: int) -> Tensor:  # [B, C, h, 3h] -> [B, C, size, 3 size]
@@ -397,7 +312,7 @@ class UpsampleDiffusion(_Conditioned):
         patch_size: rendered patch side (64 px in the authors' code), centred on a body pixel of the target view.
         image_loss_weight: weight of L_Image (1). perceptual_weight: weight of L_Perc inside it: 1 in Eq. 6
             (L_Image = L_Pixel + L_Perc); the authors' code weights its LPIPS term 0.5.
-        perceptual: a :class:`VGGPerceptual` (VGG feature distance, or LPIPS with its heads, from local weights)
+        perceptual: a :class:`~rodinhd.image_loss.VGGPerceptual` (VGG feature distance, or LPIPS with its heads, from local weights)
             or None for :class:`StructuralLoss`.
         background: the colour the renderer composites onto; the RGBA target views are composited onto it.
     """

@@ -16,11 +16,11 @@ from avatar_core.env import resolve_device
 from avatar_core.io import save_json
 from avatar_core.metrics import psnr as psnr_fn
 from avatar_core.metrics import ssim as ssim_fn
-from rodinhd.cascade import VGGPerceptual
 from rodinhd.config import RodinHDConfig
 from rodinhd.data import open_data
 from rodinhd.decoder import TriplaneDecoder
 from rodinhd.fitting import evaluate_fit, fit_triplanes
+from rodinhd.image_loss import VGGPerceptual
 from rodinhd.models import load_decoder, triplane_kwargs
 from rodinhd.renderer import render_views
 from rodinhd.sample import TriplaneSampler

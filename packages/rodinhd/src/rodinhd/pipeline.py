@@ -34,11 +34,11 @@ from avatar_core.env import resolve_device
 from avatar_core.errors import ConfigError
 from avatar_core.io import save_json
 from avatar_core.train import TrainConfig, Trainer, config_signature, latest_checkpoint, run_lock, seeded
-from rodinhd.cascade import VGGPerceptual
 from rodinhd.config import DiffusionTrainConfig, RodinHDConfig
 from rodinhd.data import open_data, prepare_data
 from rodinhd.evaluate import ablate, evaluate
 from rodinhd.fitting import fit_shared, fit_triplanes
+from rodinhd.image_loss import VGGPerceptual
 from rodinhd.models import (
     DECODER_FILE,
     build_base,
