@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from avatar_core.body.model import OPENPOSE_18
-from gaussianip.gaussians import BodyFrame, Densifier, optimizers, render, set_xyz_lr
+from gaussianip.gaussians import BodyFrame, Densifier, optimizer_step, optimizers, render
 from gaussianip.hds import HDSConditions, hds_step
 from gaussianip.prior import FaceIdentity, Prior
 from gaussianip.prior_train import pose_images
@@ -90,11 +90,7 @@ def run_stage1(prior: Prior, frame: BodyFrame, params: nn.ParameterDict, prompt:
         if s1.sparsity_weight > 0:
             loss = loss + s1.sparsity_weight * sparsity_loss(depth, alpha, torch.sigmoid(params["opacities"]), s1.sparsity)
         loss.backward()
-        dens.post_backward(step, meta)
-        set_xyz_lr(opts, s1.optim, step, s1.steps)
-        for opt in opts.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        optimizer_step(opts, dens, meta, s1.optim, step, s1.steps)
         if log is not None:
             log.append({"step": step, "t": t, "loss": float(loss.detach()), "gaussians": int(params["means"].shape[0]),
                         "view": views.kind})

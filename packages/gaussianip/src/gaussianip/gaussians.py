@@ -69,6 +69,16 @@ def set_xyz_lr(opts: dict, ocfg, step: int, steps: int) -> None:
         group["lr"] = a * (b / a) ** frac
 
 
+def optimizer_step(opts: dict, dens: Densifier, meta: dict, ocfg, step: int, steps: int) -> None:
+    """After ``loss.backward()``: densify / prune on this step's gradients (gsplat's post-backward), decay the
+    position learning rate (:func:`set_xyz_lr`), then one Adam step per attribute and clear the gradients."""
+    dens.post_backward(step, meta)
+    set_xyz_lr(opts, ocfg, step, steps)
+    for opt in opts.values():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def render(params: nn.ParameterDict, cams: Cameras, background: Tensor | list[float]) -> tuple[Tensor, Tensor, Tensor, dict]:
     """RGB ``[C, H, W, 3]``, expected depth ``[C, H, W, 1]``, alpha and the rasterizer meta (for densification)."""
     bg = torch.as_tensor(background, dtype=torch.float32).reshape(1, 3).expand(len(cams), 3)

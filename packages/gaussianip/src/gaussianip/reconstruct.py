@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from avatar_core.cameras import Cameras
-from gaussianip.gaussians import Densifier, optimizers, render, set_xyz_lr
+from gaussianip.gaussians import Densifier, optimizer_step, optimizers, render
 
 
 def reconstruct(params: nn.ParameterDict, cams: Cameras, targets: Tensor, cfg, perceptual,
@@ -33,11 +33,7 @@ def reconstruct(params: nn.ParameterDict, cams: Cameras, targets: Tensor, cfg, p
         lp = perceptual(pred, tgt).mean()
         loss = rc.l1_weight * l1 + rc.lpips_weight * lp
         loss.backward()
-        dens.post_backward(step, meta)
-        set_xyz_lr(opts, s1.optim, step, rc.steps)
-        for opt in opts.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        optimizer_step(opts, dens, meta, s1.optim, step, rc.steps)
         if log is not None:
             log.append({"step": step, "l1": float(l1.detach()), "lpips": float(lp.detach()), "gaussians": int(params["means"].shape[0])})
     return params
