@@ -42,24 +42,25 @@ def guarded(spec: ModelSpec, where: Path, load: Callable[[], Any]) -> Any:
                                + download_hint(spec, None)) from exc
 
 
-def load_diffusers(kind: str, cls: type, path: PathLike | None, *, dtype: torch.dtype | None,
-                   device: torch.device | str | None, variant: str | None, config_key: str | None):
+def _from_pretrained(kind: str, cls: type, path: PathLike | None, dtype_keyword: str, dtype: torch.dtype | None,
+                     device: torch.device | str | None, variant: str | None, config_key: str | None):
+    """``cls.from_pretrained`` on the local folder of ``kind``, offline, with its errors made one-line."""
     spec = model_spec(kind)
     d = find_model_dir(kind, path, variant, config_key)
     model = guarded(spec, d, lambda: cls.from_pretrained(
-        d, local_files_only=True, torch_dtype=dtype or torch.float32, variant=variant,
-        use_safetensors=_prefers_safetensors(d, spec, variant)))
+        d, local_files_only=True, variant=variant, use_safetensors=_prefers_safetensors(d, spec, variant),
+        **{dtype_keyword: dtype or torch.float32}))
     return _place(model, device)
+
+
+def load_diffusers(kind: str, cls: type, path: PathLike | None, *, dtype: torch.dtype | None,
+                   device: torch.device | str | None, variant: str | None, config_key: str | None):
+    return _from_pretrained(kind, cls, path, "torch_dtype", dtype, device, variant, config_key)
 
 
 def load_transformers(kind: str, cls: type, path: PathLike | None, *, dtype: torch.dtype | None,
                       device: torch.device | str | None, variant: str | None, config_key: str | None):
-    spec = model_spec(kind)
-    d = find_model_dir(kind, path, variant, config_key)
-    model = guarded(spec, d, lambda: cls.from_pretrained(
-        d, local_files_only=True, dtype=dtype or torch.float32, variant=variant,
-        use_safetensors=_prefers_safetensors(d, spec, variant)))
-    return _place(model, device)
+    return _from_pretrained(kind, cls, path, "dtype", dtype, device, variant, config_key)
 
 
 def load_tokenizer(kind: str, path: PathLike | None, config_key: str | None):
