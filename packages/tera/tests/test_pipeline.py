@@ -14,6 +14,7 @@ from avatar_core.errors import ConfigError, InputError, MissingFileError
 from avatar_core.io import load_ply, load_tensors, save_tensors
 from tera import evaluate as E
 from tera import pipeline as P
+from tera.avatars import stored_shape
 from tera.config import CONFIG_DIR, load_config
 
 TOY = ["threads=1", "data.num=2", "data.views=3", "data.res=32", "data.image_size=32", "data.uv_res=64",
@@ -46,7 +47,7 @@ def test_end_to_end_outputs(run):
         assert Path(files[key]).is_file(), key
     # The PLY holds the avatar's Gaussians: what decoding the stored latent gives, in the viewer layout.
     latent, meta = P.load_avatar(files["avatar"], models)
-    _, g = P.decode(models, latent)
+    _, g = P.decode(models, latent, stored_shape(meta))  # on the body of the prompt's shape, stored in the file
     ply = load_ply(files["ply"])
     assert ply.means.shape == (cfg.body.num_points, 3)
     torch.testing.assert_close(torch.as_tensor(ply.means).float(), g.means[0].float(), atol=1e-5, rtol=0)

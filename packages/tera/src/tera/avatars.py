@@ -1,5 +1,11 @@
 """A trained TeRA run's models loaded once, and avatars on disk: the latent file with its provenance, decoding to
-Gaussians, and every file an avatar folder holds (PLY, attribute maps, preview, turntable, settings)."""
+Gaussians, and every file an avatar folder holds (PLY, attribute maps, preview, turntable, settings).
+
+An avatar's body shape comes from its prompt (:mod:`tera.shape_text`, the run's shape head) and is stored in its
+file (tensor ``shape``; ``body_shape`` in the metadata and settings.json), so every later command decodes the
+UV-anchored Gaussians on that body: the canonical Gaussians are the UV points re-evaluated by their barycentrics
+on the rest mesh of the stored shape, plus the decoded offsets. Files written before shape from text hold no
+shape and decode on the template body."""
 
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from avatar_core.io import image_grid, load_tensors, save_image, save_json, save
 from tera.config import TeraConfig
 from tera.distill import DistillationDecoder
 from tera.latent_diffusion import StructuredLatentDiffusion
-from tera.runs import build_avatar
+from tera.runs import build_avatar, run_paths
+from tera.shape_text import ShapeHead, load_shape_head
 from tera.stage1 import load_decoder
 from tera.stage2 import load_model
 from tera.standins import trained_standins
@@ -28,8 +35,8 @@ from tera.uv_gaussians import ATTRIBUTE_SLICES, GaussianBatch, UVGaussianAvatar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AVATAR_FORMAT", "Models", "body_centre", "decode", "load_avatar", "load_models", "maps_image", "slug",
-           "turntable_cameras", "write_avatar"]
+__all__ = ["AVATAR_FORMAT", "Models", "body_centre", "decode", "load_avatar", "load_models", "maps_image",
+           "predict_shape", "slug", "stored_shape", "turntable_cameras", "write_avatar"]
 
 AVATAR_FORMAT = "tera.avatar/1"
 
@@ -43,6 +50,7 @@ class Models:
     decoder_settings: dict
     diffusion: StructuredLatentDiffusion | None
     device: torch.device
+    shape_head: ShapeHead | None = None  # prompt -> body shape (None: a run trained before it; template body)
 
 
 def load_models(cfg: TeraConfig, with_diffusion: bool = True) -> Models:
@@ -54,7 +62,35 @@ def load_models(cfg: TeraConfig, with_diffusion: bool = True) -> Models:
                                                            settings["latent_resolution"]):
         raise ConfigError(f"the diffusion model's latent {model.latent_shape} does not match the decoder's",
                           "train the diffusion model again after distilling")
-    return Models(build_avatar(cfg, device), decoder.to(device), settings, model, device)
+    avatar = build_avatar(cfg, device)
+    head = load_shape_head(run_paths(cfg).diffusion) if model is not None else None
+    if head is not None:
+        want = (model.text_dim, len(avatar.body.shape_names))
+        got = (head.net[1].in_features, head.net[-1].out_features)
+        if got != want:
+            raise ConfigError(f"the shape head maps text {got[0]} -> shape {got[1]}; this run's text and body "
+                              f"need {want[0]} -> {want[1]}", "train the diffusion model (stage 2) again")
+        head = head.to(device)
+    return Models(avatar, decoder.to(device), settings, model, device, head)
+
+
+@torch.no_grad()
+def predict_shape(models: Models, prompt: str) -> Tensor | None:  # -> [S] on the CPU, or None
+    """The body shape the run's shape head reads from ``prompt`` (None, with a logged note, for a run whose stage 2
+    predates the head: the avatar then stays on the template body)."""
+    if models.shape_head is None or models.diffusion is None:
+        log.info("this run has no shape head (diffusion/shape_head.safetensors): the avatar uses the template body; "
+                 "train stage 2 again for body shape from text")
+        return None
+    shape = models.shape_head(models.diffusion.encode_text([prompt]))[0].float().cpu()
+    # Anny's phenotypes live in [0, 1] (the head is fitted on dataset shapes, so this only trims overshoot).
+    return shape.clamp(0.0, 1.0) if models.avatar.body.name == "anny" else shape
+
+
+def stored_shape(meta: dict) -> Tensor | None:
+    """The body shape :func:`load_avatar` read from an avatar file (None: the template body)."""
+    s = meta.get("body_shape")
+    return None if s is None else torch.tensor(s, dtype=torch.float32)
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -88,14 +124,26 @@ def load_avatar(path: str | Path, models: Models) -> tuple[Tensor, dict]:
                          f"{meta.get('point_seed')}); this run uses {s['num_points']} (seed {s['point_seed']})",
                          f"use the run the avatar was generated with, or set body.num_points={meta.get('num_points')} "
                          f"body.point_seed={meta.get('point_seed')}")
+    meta = dict(meta)
+    if "shape" in tensors:
+        dim = len(models.avatar.body.shape_names) if hasattr(models, "avatar") else tensors["shape"].numel()
+        if tensors["shape"].shape != (dim,):
+            raise InputError(f"{path} holds a body shape of {list(tensors['shape'].shape)}; this run's body takes "
+                             f"[{dim}]", "use the run the avatar was generated with")
+        meta["body_shape"] = tensors["shape"].float().tolist()
+    else:
+        log.info("%s stores no body shape (written before shape from text): it is decoded on the template body", path)
+        meta["body_shape"] = None
     return tensors["latent"].float(), meta
 
 
 @torch.no_grad()
-def decode(models: Models, latent: Tensor) -> tuple[Tensor, GaussianBatch]:
-    """Latent ``[C, h, w]`` -> attribute maps ``[1, 13, R, R]`` and canonical Gaussians."""
+def decode(models: Models, latent: Tensor, shape: Tensor | None = None) -> tuple[Tensor, GaussianBatch]:
+    """Latent ``[C, h, w]`` -> attribute maps ``[1, 13, R, R]`` and canonical Gaussians on the rest body of
+    ``shape`` ``[S]`` (None: the template body)."""
     maps = models.decoder(latent[None].to(models.device))
-    return maps, models.avatar(maps)
+    body_shape = None if shape is None else shape.reshape(1, -1).to(models.device, torch.float32)
+    return maps, models.avatar(maps, shape=body_shape)
 
 
 def body_centre(points: Tensor) -> list[float]:  # [N, 3] -> centre of the bounding box
@@ -120,15 +168,21 @@ def maps_image(maps: Tensor) -> Tensor:  # [1, 13, R, R] -> [H, W, 3]: colour, o
 
 
 def write_avatar(cfg: TeraConfig, models: Models, latent: Tensor, out_dir: Path, provenance: dict[str, Any],
-                 video: bool = True) -> dict[str, Any]:
-    """All outputs of one avatar: latent file, PLY, attribute maps (PNG + safetensors), preview, turntable, JSON."""
+                 video: bool = True, shape: Tensor | None = None) -> dict[str, Any]:
+    """All outputs of one avatar: latent file, PLY, attribute maps (PNG + safetensors), preview, turntable, JSON.
+
+    ``shape`` ``[S]`` is the avatar's body shape (stored in the file; None: the template body)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     s = models.decoder_settings
-    maps, g = decode(models, latent)
+    maps, g = decode(models, latent, shape)
     files = {}
+    tensors = {"latent": latent.detach().cpu()}
+    if shape is not None:
+        tensors["shape"] = shape.detach().float().cpu().reshape(-1)
     meta = {"format": AVATAR_FORMAT, "body": s["body"], "num_points": s["num_points"], "point_seed": s["point_seed"],
-            "latent_shape": list(latent.shape), "map_resolution": int(maps.shape[-1]), **provenance}
-    files["avatar"] = str(save_tensors(out_dir / "avatar.safetensors", {"latent": latent.detach().cpu()}, meta))
+            "latent_shape": list(latent.shape), "map_resolution": int(maps.shape[-1]),
+            "body_shape": tensors["shape"].tolist() if shape is not None else None, **provenance}
+    files["avatar"] = str(save_tensors(out_dir / "avatar.safetensors", tensors, meta))
     files["ply"] = str(g.save_ply(out_dir / "avatar.ply"))
     files["maps"] = str(save_tensors(out_dir / "maps.safetensors", {"maps": maps[0].cpu()},
                                      {"channels": {k: [v.start, v.stop] for k, v in ATTRIBUTE_SLICES.items()}}))

@@ -104,13 +104,16 @@ class _Poser:
     def __call__(self, result, motion: str):
         from avatar_core.view import splats_from_tensors
         from tera import animate as anim
-        from tera.avatars import decode, load_avatar, load_models
+        from tera.avatars import decode, load_avatar, load_models, stored_shape
 
         cfg = _config(self.args)
         self._models = self._models or load_models(cfg, with_diffusion=False)
         m = self._models
-        _, g = decode(m, load_avatar(result.path, m)[0])
-        f = anim.animate(m.avatar, g, anim.builtin_motion(m.avatar.body, motion, cfg.animate.frames).to(m.device))
+        latent, meta = load_avatar(result.path, m)
+        shape = stored_shape(meta)
+        _, g = decode(m, latent, shape)
+        f = anim.animate(m.avatar, g, anim.builtin_motion(m.avatar.body, motion, cfg.animate.frames).to(m.device),
+                         shape=None if shape is None else shape.to(m.device))
         return [splats_from_tensors(f.means[t], f.quats[t], f.scales[t], f.opacities[t], f.colors[t])
                 for t in range(len(f))]
 

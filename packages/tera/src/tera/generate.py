@@ -32,6 +32,8 @@ from tera.avatars import (
     load_avatar,
     load_models,
     maps_image,
+    predict_shape,
+    stored_shape,
     turntable_cameras,
     write_avatar,
 )
@@ -77,14 +79,17 @@ def _motion_name(motion: str) -> str:
     return slug(Path(motion).stem, 24, "motion") if motion.lower().endswith(".npz") else motion
 
 
-def _pose(models: Models, g, motion: str, cfg: TeraConfig):
-    """The canonical avatar ``g`` posed by ``motion``: a built-in loop of ``animate.frames`` frames, or the first
-    ``animate.frames`` frames of an ``.npz`` sequence at ``animate.fps`` (root rotation and translation kept)."""
+def _pose(models: Models, g, motion: str, cfg: TeraConfig, shape: Tensor | None = None):
+    """The canonical avatar ``g`` posed by ``motion`` on the body of ``shape`` (None: the template): a built-in
+    loop of ``animate.frames`` frames, or the first ``animate.frames`` frames of an ``.npz`` sequence at
+    ``animate.fps`` (root rotation and translation kept; the avatar keeps its own shape, not the file's)."""
     a, body = cfg.animate, models.avatar.body
+    shape = None if shape is None else shape.to(models.device, torch.float32)
     if not motion.lower().endswith(".npz"):
-        return anim.animate(models.avatar, g, anim.builtin_motion(body, motion, a.frames).to(models.device))
+        return anim.animate(models.avatar, g, anim.builtin_motion(body, motion, a.frames).to(models.device),
+                            shape=shape)
     m = load_motion(motion, body, fps=a.fps, frames=slice(0, a.frames))
-    return anim.animate(models.avatar, g, m.poses, global_orient=m.global_orient, transl=m.transl)
+    return anim.animate(models.avatar, g, m.poses, shape=shape, global_orient=m.global_orient, transl=m.transl)
 
 
 def _source_dir(avatar_path: str | Path) -> Path:
@@ -107,7 +112,8 @@ def sample_latents(models: Models, prompts: list[str], seed: int, **options) -> 
 
 def generate(cfg: TeraConfig, prompt: str, out_dir: str | Path | None = None, seed: int | None = None,
              models: Models | None = None, video: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Text -> avatar (Sec. 3.4): sample a latent, decode, write every output; returns paths and timings.
+    """Text -> avatar (Sec. 3.4): sample a latent, read the body shape from the prompt (the run's shape head),
+    decode onto that body, write every output; returns paths and timings.
 
     The default folder is ``<run>/avatars/<prompt slug>_s<seed>_<hash of prompt, seed, settings>``."""
     prompt = _check_prompt(prompt)
@@ -120,12 +126,14 @@ def generate(cfg: TeraConfig, prompt: str, out_dir: str | Path | None = None, se
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         latent = sample_latents(models, [prompt], seed, **settings)[0].cpu()
+    shape = predict_shape(models, prompt)
     for w in caught:
         log.warning("%s", w.message)
     t_sample = time.perf_counter() - t0
     prepare_result_dir(out, AVATAR_KIND, overwrite, recognise=_is_avatar_dir)
-    res = write_avatar(cfg, models, latent, out, {"prompt": prompt, "seed": seed, **settings, "kind": "generate"},
-                       video=video)
+    prov = {"prompt": prompt, "seed": seed, **settings, "kind": "generate",
+            "shape_from": "template" if shape is None else "prompt"}
+    res = write_avatar(cfg, models, latent, out, prov, video=video, shape=shape)
     res["seconds_sample"] = t_sample
     res["seconds"] = time.perf_counter() - t0
     return res
@@ -159,9 +167,10 @@ def edit(cfg: TeraConfig, avatar_path: str | Path, region: str, prompt: str, out
     seam = edit_mod.seam_gradient(new, cells)
     prov = {"prompt": prompt, "seed": seed, **settings, "kind": "edit", "region": region, "method": method,
             "source": str(avatar_path), "source_prompt": meta.get("prompt"), "seam": seam,
-            "changed_outside_region": float((new - latent)[:, ~cells].abs().max()) if (~cells).any() else 0.0}
+            "changed_outside_region": float((new - latent)[:, ~cells].abs().max()) if (~cells).any() else 0.0,
+            "shape_from": "template" if stored_shape(meta) is None else "source"}  # an edit keeps the body
     prepare_result_dir(out, AVATAR_KIND, overwrite, inputs=[avatar_path], recognise=_is_avatar_dir)
-    res = write_avatar(cfg, models, new, out, prov, video=video)
+    res = write_avatar(cfg, models, new, out, prov, video=video, shape=stored_shape(meta))
     res.update({"seconds_edit": t_edit, "seam": seam, "cells": int(cells.sum()), "latent": new, "source_latent": latent,
                 "region_cells": cells})
     return res
@@ -184,8 +193,9 @@ def animate(cfg: TeraConfig, avatar_path: str | Path, out: str | Path | None = N
     models = models or load_models(cfg, with_diffusion=False)
     latent, meta = load_avatar(avatar_path, models)
     t0 = time.perf_counter()
-    _, g = decode(models, latent)
-    frames = _pose(models, g, motion, cfg)
+    shape = stored_shape(meta)
+    _, g = decode(models, latent, shape)
+    frames = _pose(models, g, motion, cfg, shape)
     centre = body_centre(frames.means[0])
     cam = turntable_cameras(cfg, 1, centre, a.render_size)
     images = anim.render_frames(models.avatar, frames, cam, tuple(cfg.data.background))
@@ -206,12 +216,13 @@ def export(cfg: TeraConfig, avatar_path: str | Path, out_dir: str | Path, motion
     models = load_models(cfg, with_diffusion=False)
     latent, meta = load_avatar(avatar_path, models)
     prepare_result_dir(out, EXPORT_KIND, overwrite, inputs=[avatar_path], info={"source": str(avatar_path)})
-    maps, g = decode(models, latent)
+    shape = stored_shape(meta)
+    maps, g = decode(models, latent, shape)
     files = {"ply": str(g.save_ply(out / "canonical.ply")),
              "maps": str(save_tensors(out / "maps.safetensors", {"maps": maps[0].cpu()}, {"source": str(avatar_path)})),
              "maps_png": str(save_image(out / "maps.png", maps_image(maps)))}
     if motion:
-        frames, name = _pose(models, g, motion, cfg), _motion_name(motion)
+        frames, name = _pose(models, g, motion, cfg, shape), _motion_name(motion)
         for t in range(len(frames)):
             frames[t].save_ply(out / f"{name}_{t:03d}.ply")
         files["posed"] = f"{out}/{name}_NNN.ply ({len(frames)} frames)"

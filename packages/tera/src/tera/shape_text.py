@@ -20,8 +20,8 @@ from torch import Tensor
 from avatar_core.data.appearance import _AGE_ANNY, _AGE_YEARS, describe_body
 from tera.text import TextCondition
 
-__all__ = ["SHAPE_HEAD_FILE", "ShapeHead", "fit_shape_head", "load_shape_head", "parse_shape_words", "pooled", "shape_table",
-           "shape_words", "train_shape_head"]
+__all__ = ["SHAPE_HEAD_FILE", "ShapeHead", "fit_shape_head", "gaussian_height", "load_shape_head", "parse_shape_words",
+           "pooled", "shape_table", "shape_words", "train_shape_head"]
 
 
 def pooled(cond: TextCondition) -> Tensor:  # [B, L, D] -> [B, D]: mean over the real tokens
@@ -57,14 +57,20 @@ def fit_shape_head(head: ShapeHead, cond: TextCondition, shapes: Tensor, steps: 
     return losses
 
 
-def shape_words(body, shape: Tensor) -> dict[str, str]:
+def gaussian_height(means: Tensor) -> float:  # [N, 3] -> the vertical (y) extent of an avatar's Gaussian centres
+    return float(means[:, 1].max() - means[:, 1].min())
+
+
+def shape_words(body, shape: Tensor, height: float | None = None) -> dict[str, str]:
     """The stature / build / age words the dataset's captions would give a body of ``shape`` ``[S]`` (Anny's
-    phenotype: gender, age, muscle, weight, height, proportions), from its measured standing height."""
+    phenotype: gender, age, muscle, weight, height, proportions), from its standing height: ``height`` (metres,
+    e.g. a generated avatar's :func:`gaussian_height`) or, when None, the height of the body mesh of ``shape``."""
     names = list(body.shape_names)
     s = shape.detach().float().cpu().clamp(0, 1)
-    with torch.no_grad():
-        v = body(shape=s[None].to(body.template_vertices))
-    height = float(v.vertices[0, :, 1].max() - v.vertices[0, :, 1].min())
+    if height is None:
+        with torch.no_grad():
+            v = body(shape=s[None].to(body.template_vertices))
+        height = float(v.vertices[0, :, 1].max() - v.vertices[0, :, 1].min())
     p = {n: float(s[i]) for i, n in enumerate(names)}
     years = float(np.interp(p["age"], _AGE_ANNY, _AGE_YEARS))
     attrs = {"gender": "woman" if p["gender"] >= 0.5 else "man", "phenotype": p, "age_years": years}
@@ -126,17 +132,26 @@ def load_shape_head(folder) -> ShapeHead | None:
 
 
 @torch.no_grad()
-def shape_table(head: ShapeHead, text, body, prompts, baseline_shape: Tensor) -> dict:
-    """Per prompt the asked and generated words; per word kind the match rate of the head and of one fixed
-    ``baseline_shape`` (the training mean: what every avatar got before)."""
-    rows, hits, base = [], {k: [] for k in _WORDS}, {k: [] for k in _WORDS}
+def shape_table(head: ShapeHead, text, body, prompts, baseline_shape: Tensor, generate=None) -> dict:
+    """Per prompt the asked and generated words; per word kind the match rate of the head's shape (its body mesh),
+    of one fixed ``baseline_shape`` (the training mean) and, with ``generate``, of the generated avatars.
+
+    ``generate(prompt) -> (shape [S], Gaussian centres [N, 3])`` makes the avatar the way ``tera generate``
+    does (shape from the prompt, Gaussians decoded on that body); its words read the build and age from the
+    stored shape and the stature from the measured height of the decoded Gaussians (:func:`gaussian_height`)."""
+    kinds = ("head", "mean_shape") + (("avatar",) if generate is not None else ())
+    rows, hits = [], {kind: {k: [] for k in _WORDS} for kind in kinds}
     fixed = shape_words(body, baseline_shape)
     for prompt in prompts:
         asked = parse_shape_words(prompt)
-        got = shape_words(body, head(text([prompt]))[0])
-        rows.append({"prompt": prompt, "asked": asked, "generated": got})
-        for k in _WORDS:
-            hits[k].append(float(got[k] == asked[k]))
-            base[k].append(float(fixed[k] == asked[k]))
-    return {"per_prompt": rows, "head": {k: float(np.mean(v)) for k, v in hits.items()},
-            "mean_shape": {k: float(np.mean(v)) for k, v in base.items()}}
+        got = {"head": shape_words(body, head(text([prompt]))[0]), "mean_shape": fixed}
+        row = {"prompt": prompt, "asked": asked, "generated": got["head"]}
+        if generate is not None:
+            shape, means = generate(prompt)
+            got["avatar"] = shape_words(body, shape, gaussian_height(means))
+            row["avatar"] = got["avatar"]
+        rows.append(row)
+        for kind in kinds:
+            for k in _WORDS:
+                hits[kind][k].append(float(got[kind][k] == asked[k]))
+    return {"per_prompt": rows, **{kind: {k: float(np.mean(v)) for k, v in h.items()} for kind, h in hits.items()}}
