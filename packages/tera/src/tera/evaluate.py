@@ -16,6 +16,7 @@ from torch import Tensor
 
 from avatar_core.config import merge_overrides
 from avatar_core.data.appearance import GARMENT_COLOURS
+from avatar_core.data.garment_score import ATTRIBUTES, GarmentScorer, garment_scorer, parse_garments
 from avatar_core.data.stats import seeded_subset
 from avatar_core.errors import ConfigError
 from avatar_core.io import save_json
@@ -28,7 +29,6 @@ from tera.runs import load_dataset, run_paths
 from tera.shape_text import load_shape_head, shape_table
 from tera.stage1 import distill
 from tera.stage2 import train
-from tera.text_score import ATTRIBUTES, GarmentScorer, garment_scorer, parse_garments
 from tera.uv_gaussians import ATTRIBUTE_SLICES, resize_mask
 
 __all__ = ["CLIP_MEAN", "CLIP_NOT_COMPUTED", "CLIP_STD", "ClipScorer", "ablation_arms", "avatar_views", "clip_preprocess", "evaluate",
@@ -117,7 +117,7 @@ def _mean_score(rows: list[dict[str, float]]) -> float:
 
 
 def _per_attribute(rows: list[dict[str, float]]) -> dict[str, list[float]]:
-    """Per attribute of :data:`tera.text_score.ATTRIBUTES` that was asked: ``[mean score, times asked]``."""
+    """Per attribute of :data:`avatar_core.data.garment_score.ATTRIBUTES` that was asked: ``[mean score, times asked]``."""
     return {a: [float(np.mean(v)), len(v)] for a in ATTRIBUTES if (v := [r[a] for r in rows if a in r])}
 
 
@@ -407,7 +407,7 @@ def _with(cfg: TeraConfig, overrides: list[str]) -> TeraConfig:
 
 def format_report(report: dict[str, Any]) -> str:
     """The evaluation as Markdown tables."""
-    lines = ["## Text faithfulness (fraction of asked garment attributes found in the UV colour map, tera.text_score)", "",
+    lines = ["## Text faithfulness (fraction of asked garment attributes found in the UV colour map, avatar_core.data.garment_score)", "",
              "| rows | score |", "|---|---|"]
     tf = report["text_faithfulness"]
     for k in ("held_out_prompts", "held_out_avatars_scored_against_random_caption", "random_training_captions",

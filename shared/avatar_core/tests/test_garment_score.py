@@ -1,4 +1,4 @@
-"""The per-region text score: the prompt parser on the dataset's caption styles, and the scorer against textures
+"""The per-region garment text score: the prompt parser on the dataset's caption styles, and the scorer against textures
 painted by the dataset's own painter for sampled attributes (its ceiling), and against other avatars' captions."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 
 from avatar_core.data.appearance import sample_attributes
 from avatar_core.data.captions import make_captions
-from tera.text_score import garment_scorer, parse_garments
+from avatar_core.data.garment_score import garment_scorer, parse_garments
 
 
 def test_parse_garments_reads_every_garment_attribute():
