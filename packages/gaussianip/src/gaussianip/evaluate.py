@@ -7,6 +7,10 @@
   claim): the probe's agreement of the stage-1 result's views with the attributes of the prompt's avatar.
 * VCR vs independent refinement: a fresh 3DGS fitted to each set of refined views; the PSNR it reaches on them
   (views that agree in 3D can be fitted by one 3DGS; inconsistent ones cannot).
+* Text faithfulness of garment colours / types (as TeRA's evaluation): the kernel's per-region scorer
+  (:mod:`avatar_core.data.garment_score`) on renders of the result from the front, back and sides, each pixel
+  assigned the garment region of the body-surface point it shows (the body the Gaussians were built on, in the
+  body frame); the prompt's caption against other avatars' captions (chance level).
 * Identity: the probe's face-feature agreement of the result's portrait render with the input face's avatar, next
   to the same agreement with the other avatars (random faces).
 * Time of one tiny ``generate`` (stage by stage).
@@ -23,6 +27,7 @@ from torch import nn
 
 from avatar_core.cameras import Cameras, look_at, orbit_cameras
 from avatar_core.data.datasets import ATTRIBUTE_CLASSES, MultiViewDataset, attribute_targets
+from avatar_core.data.garment_score import ATTRIBUTES, GarmentScorer, garment_scorer, parse_garments
 from avatar_core.io import load_image, load_tensors, save_json
 from avatar_core.metrics import psnr
 from avatar_core.results import prepare_result_dir
@@ -125,6 +130,38 @@ def result_views(params, frame, background, size: int = 64):
     return views, portrait
 
 
+def garment_views(params, frame, scorer: GarmentScorer, size: int = 128, views: int = 4,
+                  background=(1.0, 1.0, 1.0)) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Renders ``[C, H, W, 3]`` of a result on an orbit starting at the front (front, side, back, side for 4) and,
+    per garment region, the pixels that show it: the body frame's body rasterised for the same cameras, its
+    surface UV looked up in the scorer's regions, where the Gaussians cover the pixel (alpha > 0.5)."""
+    from gaussianip.gaussians import render
+
+    half = float(frame.vertices[:, 1].abs().max()) * 1.15  # the body fills about 87% of the height
+    cams = orbit_cameras(views, half / float(torch.tan(torch.deg2rad(torch.tensor(20.0)))), 0.0, 40.0, size, size)
+    with torch.no_grad():
+        rgb, _, alpha, _ = render(params, cams, list(background))
+    return rgb.clamp(0, 1), scorer.view_regions(frame.vertices, cams, alpha[..., 0])
+
+
+def _mean(scores: list[dict[str, float]]) -> float | None:
+    v = [x for s in scores for x in s.values()]
+    return round(sum(v) / len(v), 3) if v else None
+
+
+def text_faithfulness(params, frame, scorer: GarmentScorer, prompt: str, others: list[str], size: int = 128) -> dict:
+    """The fraction of the prompt's garment attributes the result's renders show (per attribute too), next to the
+    same fraction for other avatars' captions (what an unrelated outfit scores)."""
+    rgb, regions = garment_views(params, frame, scorer, size)
+    seen = scorer.read_views(rgb, regions)
+    asked = parse_garments(prompt)
+    own = {k: float(seen[k] == v) for k, v in asked.items() if k in seen}
+    other = [{k: float(seen[k] == v) for k, v in parse_garments(c).items() if k in seen} for c in others]
+    return {"prompt": _mean([own]), "other_captions_mean": _mean(other), "other_captions": len(others),
+            "per_attribute": {a: own[a] for a in ATTRIBUTES if a in own},
+            "seen": {a: seen[a] for a in ATTRIBUTES if a in seen}}
+
+
 def evaluate(cfg, out: str | Path, overwrite: bool = False, probe_steps: int = 300, eval_avatars: int = 12) -> dict:
     """Run the measurements into ``out`` (report.json and the runs they come from)."""
     from avatar_core.data.generate import generate_dataset
@@ -148,10 +185,13 @@ def evaluate(cfg, out: str | Path, overwrite: bool = False, probe_steps: int = 3
                      seed=cfg.dataset.seed + 1000, uv_res=cfg.dataset.uv_res, progress=False)
     probe = train_probe(eval_root, probe_steps)
     frame = G.body_frame(cfg.gaussians)
+    scorer = garment_scorer(cfg.gaussians.body, cfg.gaussians.body_dir, cfg.dataset.uv_res)
+    asked = parse_garments(prompt)
+    other_caps = [ds.attributes(j)["caption"] for j in range(len(ds)) if j != h]
     t_face = targets(attrs)
     identity = prior.face_identity(load_image(face))
 
-    def stage1(kind: str, steps: int) -> tuple[float, float, Path]:
+    def stage1(kind: str, steps: int) -> tuple[float, float, float | None, Path]:
         c = copy.deepcopy(cfg)
         c.stage1.timesteps, c.stage1.steps = kind, steps
         t = time.time()
@@ -159,13 +199,16 @@ def evaluate(cfg, out: str | Path, overwrite: bool = False, probe_steps: int = 3
                                 stop_after="stage1", progress=False)
         params = G.load_gaussians(Path(res["run"]) / "stage1.safetensors")
         views, portrait = result_views(params, frame, c.stage1.background)
-        return agreement(probe, views, t_face, BODY_KEYS), time.time() - t, Path(res["run"])
+        rgb, regions = garment_views(params, frame, scorer)
+        text = _mean([scorer.score_views(rgb, regions, asked)])
+        return agreement(probe, views, t_face, BODY_KEYS), time.time() - t, text, Path(res["run"])
 
     N = cfg.stage1.steps
     rows = {}
     for kind, steps in (("ahds", N), ("uniform", N), ("linear", N), ("ahds", (2 * N) // 3), ("uniform", (2 * N) // 3)):
-        score, sec, run = stage1(kind, steps)
-        rows[f"{kind}@{steps}"] = {"probe_agreement": round(score, 3), "seconds": round(sec, 1)}
+        score, sec, text, run = stage1(kind, steps)
+        rows[f"{kind}@{steps}"] = {"probe_agreement": round(score, 3), "garment_text_score": text,
+                                   "seconds": round(sec, 1)}
     report["timesteps"] = rows
 
     # VCR vs independent, from the AHDS run's stage 1; a fresh fit (stage 3) to each set of refined views.
@@ -190,6 +233,7 @@ def evaluate(cfg, out: str | Path, overwrite: bool = False, probe_steps: int = 3
         if mode == "vcr":
             params = G.load_gaussians(run / "gaussians.safetensors")
             _, portrait = result_views(params, frame, c.stage1.background)
+            report["text_faithfulness"] = text_faithfulness(params, frame, scorer, prompt, other_caps)
             same = agreement(probe, portrait, t_face, FACE_KEYS)
             others = [agreement(probe, portrait, targets(ds.attributes(j)), FACE_KEYS) for j in range(len(ds)) if j != h]
             report["identity"] = {"input_face": round(same, 3), "random_faces_mean": round(sum(others) / len(others), 3),
