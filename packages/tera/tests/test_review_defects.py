@@ -227,3 +227,6 @@ def test_evaluate_joined_region_and_both_ablation_arms(run, tmp_path):
     shape = report["shape"]  # stage 2 trained the shape head; every held-out shape prompt is read back as words
     assert set(shape["head"]) == {"stature", "build", "age"} and len(shape["per_prompt"]) == len(sub.evaluate.shape_prompts)
     assert all(0.0 <= v <= 1.0 for v in [*shape["head"].values(), *shape["mean_shape"].values()])
+    # ... and the generated avatars' bodies (shape from the prompt, Gaussians decoded on it) are measured too
+    assert set(shape["avatar"]) == {"stature", "build", "age"}
+    assert all(float(r["avatar"]["height_m"]) > 0.5 for r in shape["per_prompt"])

@@ -22,11 +22,11 @@ from avatar_core.errors import ConfigError
 from avatar_core.io import save_json
 from avatar_core.results import check_result_dir, prepare_result_dir
 from tera import edit as edit_mod
-from tera.avatars import Models, body_centre, load_models, turntable_cameras
+from tera.avatars import Models, body_centre, decode, load_models, predict_shape, turntable_cameras
 from tera.config import TeraConfig
 from tera.generate import edit, generate, sample_latents
 from tera.runs import load_dataset, run_paths
-from tera.shape_text import load_shape_head, shape_table
+from tera.shape_text import shape_table
 from tera.stage1 import distill
 from tera.stage2 import train
 from tera.uv_gaussians import ATTRIBUTE_SLICES, resize_mask
@@ -275,14 +275,22 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
         "sampler": e.sampler,
     }
 
-    # Body shape from text: the words the predicted shapes read as, against the asked ones (tera.shape_text).
+    # Body shape from text: the words the predicted shapes and the generated avatars' bodies read as, against the
+    # asked ones (tera.shape_text). Each avatar is made as `tera generate` makes it: shape from the prompt, the
+    # sampled latent decoded on that body; its stature is read from the height of its decoded Gaussians.
     report["shape"] = None
-    head = load_shape_head(run_paths(cfg).diffusion)
-    if head is not None and models.diffusion is not None:
+    if models.shape_head is not None and models.diffusion is not None:
         mean_shape = torch.stack([ds.body_params(i)["shape"].float()
                                   for i in seeded_subset(len(ds), cfg.data.stats_items or None, cfg.seed)]).mean(0)
-        report["shape"] = shape_table(head.to(models.device), models.diffusion.text, models.avatar.body,
-                                      list(e.shape_prompts), mean_shape)
+        seeds = {p: cfg.seed + 3000 + k for k, p in enumerate(e.shape_prompts)}
+
+        def generated_body(prompt: str) -> tuple[Tensor, Tensor]:
+            shape = predict_shape(models, prompt)
+            _, g = decode(models, sample_latents(models, [prompt], seeds[prompt], **sampling)[0], shape)
+            return shape, g.means[0].cpu()
+
+        report["shape"] = shape_table(models.shape_head, models.diffusion.text, models.avatar.body,
+                                      list(e.shape_prompts), mean_shape, generate=generated_body)
 
     # CLIP score: mean over views of 100 x cosine, i.e. 100 x (mean of the unit view embeddings) . text.
     report["clip_score"] = None
@@ -428,13 +436,17 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [""] + format_clip(report.get("clip_score"))
     shape = report.get("shape")
     if shape:
-        lines += ["", "## Body shape from text (words the predicted body reads as; '' asks for the middle)", "",
-                  "| words | shape head | training mean shape (before) |", "|---|---|---|"]
-        lines += [f"| {k} | {shape['head'][k]:.2f} | {shape['mean_shape'][k]:.2f} |" for k in shape["head"]]
-        lines += ["", "| held-out prompt | asked | generated (height m) |", "|---|---|---|"]
+        lines += ["", "## Body shape from text (words the body reads as; '' asks for the middle)", "",
+                  "| words | generated avatars (decoded Gaussians) | shape head (its body mesh) | "
+                  "training mean shape |", "|---|---|---|---|"]
+        lines += [f"| {k} | {shape['avatar'][k]:.2f} | {shape['head'][k]:.2f} | {shape['mean_shape'][k]:.2f} |"
+                  for k in shape["head"]]
+        lines += ["", "| held-out prompt | asked | generated avatar (Gaussian height m) | shape head (mesh height m) |",
+                  "|---|---|---|---|"]
         for r in shape["per_prompt"]:
-            g = r["generated"]
+            a, g = r["avatar"], r["generated"]
             lines.append(f"| {r['prompt']} | {'/'.join(r['asked'].values())} | "
+                         f"{a['stature']}/{a['build']}/{a['age']} ({a['height_m']}) | "
                          f"{g['stature']}/{g['build']}/{g['age']} ({g['height_m']}) |")
     ed = report["editing"]
     lines += ["", f"## Editing: region `{ed['region']}`, prompt \"{ed['prompt']}\"", "",
