@@ -47,3 +47,45 @@ def test_scorer_reads_painted_textures_and_rejects_other_captions():
     for key in ("top_colour", "bottom_colour", "shoes_colour"):  # 17 palette colours: a wrong caption rarely fits
         assert np.mean(other[key]) <= 0.3, (key, np.mean(other[key]))
     assert np.mean(own["sleeves"]) >= 0.6  # the weakest reading: skin-toned sleeves look bare
+
+
+def test_views_of_the_textured_body_read_as_its_texture():
+    """The body mesh rendered with its own texture (per-pixel surface UV, nearest texel) from the front, sides and
+    back reads the same garment colours and types through ``view_regions`` as the texture itself, for solid
+    outfits; a vertex array of another body is refused."""
+    import pytest
+    import torch
+
+    from avatar_core.body import load_body_model
+    from avatar_core.cameras import orbit_cameras
+    from avatar_core.data.appearance import TexturePainter
+    from avatar_core.errors import InputError
+    from avatar_core.render.mesh import interpolate, rasterize_mesh
+
+    R = 64
+    scorer = garment_scorer("anny", None, R)
+    body = load_body_model("anny")
+    painter = TexturePainter(body, R)
+    with torch.no_grad():
+        verts = body().vertices[0].float()
+    cams = orbit_cameras(4, 3.0, 0.0, 40.0, 96, 96, target=tuple(((verts.min(0).values + verts.max(0).values) / 2).tolist()))
+    frags = rasterize_mesh(verts, body.faces, cams)
+    uv = interpolate(frags, body.uv_coords.float()[body.uv_faces], per="corner")
+    col = (uv[..., 0] * R).floor().long().clamp(0, R - 1)
+    row = ((1.0 - uv[..., 1]) * R).floor().long().clamp(0, R - 1)
+    regions = scorer.view_regions(verts, cams)
+    assert all(bool(m.any()) for m in regions.values())
+    assert all(not bool((m & ~frags.mask).any()) for m in regions.values())  # only body pixels
+    rng = np.random.default_rng(5)
+    agree = []
+    for k in range(6):
+        a = sample_attributes(rng)
+        for g in a["garments"]:
+            g["pattern"] = "solid"
+        tex, _ = painter.paint(a, np.random.default_rng(k))
+        rgb = torch.where(frags.mask[..., None], tex[row, col], torch.ones(3))
+        uv_seen, seen = scorer.read(tex.permute(2, 0, 1)), scorer.read_views(rgb, regions)
+        agree += [seen[key] == uv_seen[key] for key in uv_seen]
+    assert np.mean(agree) >= 0.9, agree
+    with pytest.raises(InputError):
+        scorer.view_regions(verts[:-1], cams)
