@@ -15,6 +15,7 @@ from tera import generate as G
 from tera import pipeline as P
 from tera.avatars import decode, load_avatar, stored_shape
 from tera.config import load_config
+from tera.recolour import recolour
 from tera.shape_text import ShapeHead, fit_shape_head, gaussian_height, shape_table, shape_words
 
 TOY = ["threads=1", "data.num=2", "data.views=3", "data.res=32", "data.image_size=32", "data.uv_res=64",
@@ -94,6 +95,9 @@ def test_the_stored_shape_round_trips_and_animate_export_edit_reuse_it(run, tmp_
     torch.testing.assert_close(load_tensors(ed["files"]["avatar"])[0]["shape"], shape)
     anim = G.animate(cfg, gen["files"]["avatar"], out=tmp_path / "clip", models=models)
     assert anim["frames"] == cfg.animate.frames
+    rec = recolour(cfg, gen["files"]["avatar"], "shoes", "red", out_dir=tmp_path / "recolour", models=models)
+    assert abs(gaussian_height(torch.as_tensor(load_ply(rec["files"]["ply"]).means)) - h) < 1e-4  # same tall body
+    assert json.loads(open(rec["files"]["settings"]).read())["body_shape"] == shape.tolist()
 
 
 def test_an_avatar_file_without_a_shape_loads_on_the_template(run, tmp_path, caplog):

@@ -21,7 +21,16 @@ from avatar_core.io import image_grid, save_image, save_json, save_tensors
 from avatar_core.results import check_result_dir, prepare_result_dir, short_hash, slug
 from tera import animate as anim
 from tera import edit as edit_mod
-from tera.avatars import Models, body_centre, decode, load_avatar, load_models, maps_image, turntable_cameras
+from tera.avatars import (
+    Models,
+    body_centre,
+    decode,
+    load_avatar,
+    load_models,
+    maps_image,
+    stored_shape,
+    turntable_cameras,
+)
 from tera.config import TeraConfig
 from tera.uv_gaussians import ATTRIBUTE_SLICES
 
@@ -64,10 +73,11 @@ def recolour(cfg: TeraConfig, avatar_path: str | Path, region: str, colour: str,
     models = models or load_models(cfg, with_diffusion=False)
     latent, meta = load_avatar(avatar_path, models)
     t0 = time.perf_counter()
-    maps, _ = decode(models, latent)
+    shape = stored_shape(meta)  # the source's own body (None: an avatar made before shapes were generated)
+    maps, _ = decode(models, latent, shape)
     new = anim.edit_texture(maps, models.avatar.uv_mapper, regions, color=rgb, strength=float(strength))
     with torch.no_grad():
-        g = models.avatar(new)
+        g = models.avatar(new, shape=None if shape is None else shape.reshape(1, -1).to(models.device))
         cams = turntable_cameras(cfg, 4, body_centre(g.means[0]))
         views, _ = models.avatar.render(g, cams, tuple(cfg.data.background))
     changed = (new - maps)[0, ATTRIBUTE_SLICES["rgb"]].abs().amax(0) > 0
@@ -79,6 +89,7 @@ def recolour(cfg: TeraConfig, avatar_path: str | Path, region: str, colour: str,
              "maps_png": str(save_image(out / "maps.png", maps_image(new))),
              "preview": str(save_image(out / "preview.png", image_grid(views[0].cpu(), nrow=4)))}
     files["settings"] = str(save_json(out / "settings.json", {**settings, "source_prompt": meta.get("prompt"),
+                                                              "body_shape": meta.get("body_shape"),
                                                               "texels_changed": int(changed.sum()), "files": files}))
     return {"dir": str(out), "files": files, "maps": new, "source_maps": maps, "texels_changed": int(changed.sum()),
             "seconds": time.perf_counter() - t0}
