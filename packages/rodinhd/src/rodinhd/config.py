@@ -237,6 +237,13 @@ class BaseConfig:
     cond_drop_prob: float = 0.2
     guidance_scale: float = 1.3
     sample_steps: int = 10
+    condition: str = "multi_scale"
+    """Portrait condition (:data:`rodinhd.conditioning.CONDITION_MODES`): ``multi_scale`` (the paper: the encoder's
+    scale i read at ``context_resolutions[i]``), ``single_scale`` (the tokens of one scale at every cross-attention
+    layer) or ``global`` (one pooled token of one scale at every layer; Rodin's CLIP-token baseline, Tab. 4(b))."""
+    condition_scale: int = -1
+    """The scale ``single_scale`` / ``global`` read: an index into the first ``len(context_resolutions)`` feature
+    maps (-1: the deepest of them, H/8)."""
     train: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
 
 
@@ -319,6 +326,29 @@ class EvalConfig:
 
 
 @dataclass
+class DiffusionAblationConfig:
+    """``rodinhd ablate-diffusion``: the base-model rows of Table 4(b), each trained with the same budget on the
+    run's fitted triplanes and scored on held-out portraits (:mod:`rodinhd.ablation_diffusion`)."""
+
+    rows: list[str] = field(default_factory=lambda: ["A", "B", "C", "D", "E"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    max_steps: int = 1200
+    """Optimizer steps per row (the same for every row); batch size, rate and EMA are ``base.train``'s."""
+    low_resolution: int = 0
+    """Plane side of row A ("Rodin (256)"); 0: half of ``base.resolution`` (the paper's 256 vs 512)."""
+    default_schedule: str = "linear"
+    """Rows A-B's "original noise": the default linear schedule (Ho et al. 2020; the paper's Fig. 6 "default");
+    rows C-E use ``base.schedule``."""
+    num_held_out: int = 0
+    """Held-out avatars to score (0: all of the run's)."""
+    samples_per_portrait: int = 1
+    sample_steps: int = 0
+    """0: ``base.sample_steps``."""
+    eval_num_samples: int = 96
+    """Samples per ray when rendering the generated triplanes."""
+
+
+@dataclass
 class AblationConfig:
     """``rodinhd ablate-fitting``: the rows of Table 4(a) on a small set with equal total iterations."""
 
@@ -337,6 +367,8 @@ class AblationConfig:
     """``rodinhd ablate-triplane`` (Table 6 small): triplane resolutions x channels fitted to one avatar."""
     sweep_channels: list[int] = field(default_factory=lambda: [2, 4, 8])
     sweep_iterations: int = 250
+    diffusion: DiffusionAblationConfig = field(default_factory=DiffusionAblationConfig)
+    """``rodinhd ablate-diffusion`` (Table 4(b) small)."""
 
 
 @dataclass
