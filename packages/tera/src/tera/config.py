@@ -96,8 +96,22 @@ class TeacherConfig:
     """Offset head initialisation half-width (IDOL 1e-5)."""
     resolution: int = 64
     """Feature map size (IDOL 1536); a multiple of the latent resolution."""
+    mode: str = "joint"
+    """'joint' (all avatars in mini-batches over `epochs`, the decoder updated every step, then every avatar refitted
+    for `refit_steps` with the decoder frozen) or 'sequential' (the original fitter: one avatar after another for
+    `steps` iterations against the decoder as it is, never revisited)."""
+    epochs: int = 40
+    """Joint fit: passes over all avatars (each avatar takes one step per epoch)."""
+    batch_avatars: int = 8
+    """Joint fit: avatars per mini-batch (BatchNorm statistics are over the batch)."""
+    refit_steps: int = 40
+    """Joint fit: steps per avatar refitting its features to the frozen final decoder."""
+    lambda_l2: float = 0.0
+    """Joint fit: weight of the mean squared feature inside the UV charts."""
+    lambda_tv: float = 0.0
+    """Joint fit: weight of the mean squared difference of adjacent texels inside the charts (smoothness)."""
     steps: int = 40
-    """Fitting iterations per avatar."""
+    """Sequential fit: iterations per avatar."""
     lr: float = 5.0e-4
     """Decoder learning rate (IDOL 5e-4)."""
     feature_lr: float = 3.0e-2
