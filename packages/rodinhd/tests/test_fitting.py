@@ -77,24 +77,24 @@ def test_task_replay_schedule_and_ablation_rows():
         assert sorted(v.avatar_id for v in visits[3 * loop:3 * loop + 3]) == ids
     naive = task_replay_schedule(ids, 1, 21)
     assert [(v.avatar_id, v.iterations) for v in naive] == [("a", 21), ("b", 21), ("c", 21)]
-    # Table 4(a) rows at Table 5's iteration counts: replay rows 30 x 5000 per avatar, the naive row 1 x 15000.
+    # Table 4(a) rows at Table 5's iteration counts: replay rows 30 x 5000 per avatar, Rodin's rows 1 x 15000.
     totals = set()
-    for row in ABLATION_ROWS:  # the paper rows and the extra one
-        if row == "naive":
+    for row, spec in ABLATION_ROWS.items():  # the paper rows and the extra one
+        if not spec.replay:
             continue
         s = ablation_row_settings(row, num_avatars=3, total_iterations=120, outer_loops=4)
         totals.add(3 * s["outer_loops"] * s["inner_iterations"])
     assert totals == {120}
-    paper_naive = ablation_row_settings("naive", 64, 64 * 30 * 5000, 30)
+    paper_naive = ablation_row_settings("Rodin (512)", 64, 64 * 30 * 5000, 30)
     assert (paper_naive["outer_loops"], paper_naive["inner_iterations"]) == (1, 15000)  # Table 5, typed
-    small_naive = ablation_row_settings("naive", 3, 120, 4)
+    small_naive = ablation_row_settings("Rodin (512)", 3, 120, 4)
     assert (small_naive["outer_loops"], small_naive["inner_iterations"]) == (1, 30)  # 120 / (3 x 4) x 3
-    assert ablation_row_settings("+ consolidation", 3, 120, 4)["iwc_weight"] == 0.1
+    assert ablation_row_settings("+ Consolidation", 3, 120, 4)["iwc_weight"] == 0.1
     # Every row and the paper's Table 5 preset are settings of the one fitting function's Stage1Config.
     paper = dataclasses.replace(Stage1Config(), **PAPER_TABLE5)
     assert (paper.tv_weight, paper.l2_weight, paper.decoder_lr) == (1e-2, 1e-4, 2e-4)
-    for row in ABLATION_ROWS.values():
-        dataclasses.replace(Stage1Config(), **{k: v for k, v in row.items() if v is not None})
+    for row in ABLATION_ROWS:
+        dataclasses.replace(Stage1Config(), **ablation_row_settings(row, 3, 120, 4))
 
 
 def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path):

@@ -84,8 +84,9 @@ def test_paper_config_without_its_networks_fails_before_any_work(tmp_path):
     with pytest.raises(MissingWeightsError) as err:
         pipeline.train_all(cfg, tmp_path / "run", progress=False)
     msg = str(err.value)
-    for key in ("conditioning.vae_path", "upsample.vgg_path", "upsample.lpips_path", "diffusion_pytorch_model"):
+    for key in ("conditioning.vae_path", "upsample.vgg_path", "diffusion_pytorch_model"):
         assert key in msg
+    assert "upsample.lpips_path" not in msg  # Eq. 6's term is VGG features: LPIPS's heads are not the paper's
     assert not (tmp_path / "run").exists()
     with pytest.raises(MissingWeightsError, match="conditioning.vae_path"):
         pipeline.train_base(cfg, tmp_path / "run", progress=False)

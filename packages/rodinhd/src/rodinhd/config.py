@@ -284,10 +284,13 @@ class UpsampleConfig:
     perceptual_weight: float = 0.5
     render_num_samples: int = 128
     """Marching steps for the image-level loss's patches."""
+    perceptual: str = "vgg"
+    """The perceptual term of Eq. 6: ``vgg`` (sum over VGG-16 layers of feature distances, the paper's Psi^l) or
+    ``lpips`` (LPIPS over VGG-16, the authors' code @ 690d34d); it decides which weight files a run requires."""
     vgg_path: str = ""
     """torchvision VGG-16 weights file for the perceptual term; empty uses the embedded structural loss."""
     lpips_path: str = ""
-    """LPIPS ``vgg.pth`` linear heads (with ``vgg_path``): the term becomes LPIPS."""
+    """LPIPS ``vgg.pth`` linear heads, read when ``perceptual`` is ``lpips`` (with ``vgg_path``)."""
     train: DiffusionTrainConfig = field(default_factory=_upsample_loop)
 
 
@@ -350,15 +353,29 @@ class DiffusionAblationConfig:
 
 @dataclass
 class AblationConfig:
-    """``rodinhd ablate-fitting``: the rows of Table 4(a) on a small set with equal total iterations."""
+    """``rodinhd ablate-fitting``: the rows of Table 4(a) on a small set at Table 5's iteration counts per row
+    (:mod:`rodinhd.ablation`), scored on held-out views. Defaults are ours (a small scale); paper.yaml holds the
+    paper's (64 avatars, 30 x 5000, 512^2 x 32)."""
 
     num_avatars: int = 8
+    """Avatars fitted by every row (the first N training avatars; paper: the stage-1 subset of 64, App. A)."""
     total_iterations: int = 240000
+    """Iterations of a task-replay row (C-E), split over avatars x loops; rows A-B visit each avatar once for 3x a
+    replay visit (Table 5: 15000 vs 30 x 5000)."""
     outer_loops: int = 30
+    """Task-replay passes (Table 5: 30)."""
     earliest: int = 2
+    """How many of the first-fitted avatars are scored apart (forgetting shows on them)."""
     channels: int = 8
     resolution: int = 32
-    rows: list[str] = field(default_factory=lambda: ["naive", "+ task replay", "+ weight decay", "+ consolidation"])
+    """Row B's triplane side (the paper's 512); row A's is half of it (the paper's 256)."""
+    rows: list[str] = field(default_factory=lambda: ["Rodin (256)", "Rodin (512)", "+ Task replay", "+ Weight decay",
+                                                     "+ Consolidation"])
+    """Table 4(a)'s rows by name (:data:`rodinhd.ablation.ABLATION_ROWS`)."""
+    held_out_every: int = 4
+    """Every k-th view of each avatar is held out of fitting and the rows are scored on those (ours)."""
+    seeds: list[int] = field(default_factory=list)
+    """Seeds to repeat every row with (mean and half range reported); empty: the run's ``seed``."""
     rays_per_step: int = 1024
     num_samples: int = 128
     occupancy: bool = False

@@ -456,9 +456,11 @@ def evaluate_fit(
     occupancy: bool = False,
     grid_resolution: int = 128,
     background: Sequence[float] = (1.0, 1.0, 1.0),
+    perceptual: torch.nn.Module | None = None,
 ) -> dict[str, dict[str, float]]:
     """PSNR / SSIM of each stored triplane rendered by ``decoder`` against its views (composited on
-    ``background``): ``{avatar_id: {"psnr": dB, "ssim": s}}``, averaged over the avatar's views."""
+    ``background``): ``{avatar_id: {"psnr": dB, "ssim": s}}``, averaged over the avatar's views; with
+    ``perceptual`` (``(pred [V, H, W, 3], target) -> distance``, e.g. the kernel's LPIPS) also ``"lpips"``."""
     device = next(decoder.parameters()).device
     bg = torch.as_tensor(background, dtype=torch.float32, device=device)
     out = {}
@@ -469,4 +471,6 @@ def evaluate_fit(
         target = images[..., :3] * images[..., 3:] + bg * (1.0 - images[..., 3:])
         s = ssim_fn(rgb, target).mean() if min(rgb.shape[1:3]) >= 11 else torch.tensor(float("nan"))
         out[str(aid)] = {"psnr": float(psnr_fn(rgb, target).mean()), "ssim": float(s)}
+        if perceptual is not None:
+            out[str(aid)]["lpips"] = float(perceptual(rgb, target).mean())
     return out

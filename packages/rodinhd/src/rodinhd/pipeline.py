@@ -215,7 +215,8 @@ def train_upsample(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodinhd
     decoder = load_decoder(cfg, out, device)
     render_patch = make_render_patch(decoder, cfg.triplane.bound, cfg.triplane.center, u.render_num_samples,
                                      cfg.render.background) if u.image_loss_weight > 0 else None
-    perceptual = VGGPerceptual.from_local(u.vgg_path, u.lpips_path or None) if u.vgg_path else None
+    heads = u.lpips_path if u.perceptual == "lpips" else None  # Eq. 6: VGG features; the code: LPIPS
+    perceptual = VGGPerceptual.from_local(u.vgg_path, heads) if u.vgg_path else None
     with seeded(_stage_seed(cfg, u.train)):
         model = build_upsample(cfg, feature_channels(encoder), render_patch, perceptual)
     model.normalizer.fit(rollout(p) for p in stats_batches(cfg, out, ids, None))

@@ -12,10 +12,11 @@ than a batch of them. Per training avatar:
 The normaliser's per-channel statistics are a streaming pass over all training avatars, or over a seeded subset of
 ``data.stats_items`` of them; they are buffers of the model, saved in its checkpoints.
 
-Paper networks (Sec. 3.2, App. A): the SDXL VAE encoder for the portrait features and VGG-16 / LPIPS for the
-upsampler's image-level perceptual term. A config that leaves them empty must name the embedded stand-ins under
-``standins`` (``portrait_vae``, ``ssim_perceptual``); ``paper.yaml`` names none and so fails before any work with
-the files it needs.
+Paper networks (Sec. 3.2, App. A): the SDXL VAE encoder for the portrait features and, for the upsampler's
+image-level perceptual term, what ``upsample.perceptual`` says it is: ``vgg`` (Eq. 6's VGG-16 features, the
+paper) needs VGG-16 only; ``lpips`` (the authors' code) needs VGG-16 and LPIPS's linear heads. A config that leaves
+them empty must name the embedded stand-ins under ``standins`` (``portrait_vae``, ``ssim_perceptual``,
+``vgg_feature_distance``); ``paper.yaml`` names none and so fails before any work naming the files it needs.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from avatar_core.config import config_to_dict
 from avatar_core.data.cache import FeatureCache, files_fingerprint, module_fingerprint
 from avatar_core.data.stats import seeded_subset
 from avatar_core.data.stream import CameraField, StreamDataset, StreamLoader
-from avatar_core.errors import AvatarError, MissingFileError
+from avatar_core.errors import AvatarError, ConfigError, MissingFileError
 from avatar_core.io import save_json
 from avatar_core.standins import Component, Requirement, StandIn, StandInRecord, registry_source, resolve
 from rodinhd.conditioning import portrait_features, prepare_portrait
@@ -43,7 +44,7 @@ from rodinhd.triplane import TriplaneStore
 
 log = logging.getLogger("rodinhd")
 
-__all__ = ["PORTRAIT_VAE", "SSIM_PERCEPTUAL", "VGG_DISTANCE", "feature_cache", "low_res_cache", "resolve_standins", "stage2_store",
+__all__ = ["PERCEPTUAL_TERMS", "PORTRAIT_VAE", "SSIM_PERCEPTUAL", "VGG_DISTANCE", "feature_cache", "low_res_cache", "resolve_standins", "stage2_store",
            "stats_batches", "training_ids", "training_loader"]
 
 PORTRAIT_VAE = StandIn("portrait_vae", "the SDXL VAE encoder (conditioning.vae_path)",
@@ -52,6 +53,9 @@ SSIM_PERCEPTUAL = StandIn("ssim_perceptual", "the VGG-16 / LPIPS perceptual term
                           "an SSIM + image-gradient distance")
 VGG_DISTANCE = StandIn("vgg_feature_distance", "LPIPS's learned linear heads (upsample.lpips_path)",
                        "an unweighted distance of unit-normalised VGG-16 features")
+#: ``upsample.perceptual``: Eq. 6's sum over VGG-16 layers of feature distances (the paper: "Psi^l ... a
+#: pre-trained VGG"), or LPIPS over VGG-16 with its learned linear heads (the authors' code: LPIPS, weight 0.5).
+PERCEPTUAL_TERMS = ("vgg", "lpips")
 #: Portraits encoded at once while filling the feature cache.
 CACHE_BATCH = 16
 
@@ -67,12 +71,18 @@ def resolve_standins(cfg: RodinHDConfig, parts: Sequence[str] = ("encoder", "per
                                                 "conditioning.vae_path", c.vae_path, kind="sd_vae",
                                                 source=registry_source("sd_vae")), PORTRAIT_VAE))
     if "perceptual" in parts:
+        if u.perceptual not in PERCEPTUAL_TERMS:
+            raise ConfigError(f"upsample.perceptual={u.perceptual!r} is not a perceptual term",
+                              f"use one of {list(PERCEPTUAL_TERMS)} (vgg: Eq. 6's VGG-16 features; lpips: LPIPS, "
+                              "the authors' code)")
         components.append(Component(Requirement("VGG-16 weights (image-level loss, Eq. 6)", "upsample.vgg_path",
                                                 u.vgg_path, source="torchvision's vgg16 state dict"),
                                     SSIM_PERCEPTUAL))
-        if u.vgg_path or SSIM_PERCEPTUAL.name not in cfg.standins:  # LPIPS heads matter only over VGG features
-            components.append(Component(Requirement("LPIPS linear heads (vgg.pth)", "upsample.lpips_path",
-                                                    u.lpips_path, source="the lpips package's weights/v0.1/vgg.pth"),
+        # LPIPS's heads only when the configured term is LPIPS (the authors' code), over real VGG-16 features.
+        if u.perceptual == "lpips" and (u.vgg_path or SSIM_PERCEPTUAL.name not in cfg.standins):
+            components.append(Component(Requirement("LPIPS linear heads (vgg.pth; upsample.perceptual: lpips)",
+                                                    "upsample.lpips_path", u.lpips_path,
+                                                    source="the lpips package's weights/v0.1/vgg.pth"),
                                         VGG_DISTANCE))
     record = resolve(components, list(cfg.standins), known=[PORTRAIT_VAE.name, SSIM_PERCEPTUAL.name, VGG_DISTANCE.name])
     record.log_once("rodinhd")
