@@ -113,6 +113,12 @@ def _ablate_triplane(args):
     print(format_sweep(ablate_triplane(_cfg(args), args.out, progress=not args.no_progress)))
 
 
+def _ablate_diffusion(args):
+    from rodinhd.ablation_diffusion import ablate_diffusion, format_diffusion_table
+
+    print(format_diffusion_table(ablate_diffusion(_cfg(args), args.out, dest=args.dest, progress=not args.no_progress)))
+
+
 def _train_all(args):
     from rodinhd.pipeline import train_all
 
@@ -184,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate-triplane", help="Table 6 small: fitting PSNR by triplane resolution x channels")
     _common(p)
     p.set_defaults(func=_ablate_triplane)
+    p = sub.add_parser("ablate-diffusion", help="Table 4(b) small: base models of rows A-E (resolution, noise "
+                       "schedule, portrait condition) trained alike, scored on held-out portraits; prints the table")
+    _common(p)
+    p.add_argument("--dest", default=None, help="output folder (default: <out>/ablation_diffusion); a finished row "
+                   "there is read back, an interrupted one resumes")
+    p.set_defaults(func=_ablate_diffusion)
     p = sub.add_parser("train-all", help="dataset -> stage 1 -> stage 2 -> base -> upsample -> one sample")
     _common(p)
     p.add_argument("--evaluate", action="store_true", help="also run evaluate at the end")

@@ -13,6 +13,10 @@ Encoders:
 
 The null condition for classifier-free guidance is a feature map of ones (not zeros), as in the authors' code;
 condition dropout (20%) replaces a sample's features with ones.
+
+The tokenizer also offers the two baselines of the paper's Tab. 4(b) (``base.condition``): ``single_scale`` (one
+scale's tokens at every cross-attention layer) and ``global`` (one pooled token, the stand-in for Rodin's CLIP
+image token).
 """
 
 from __future__ import annotations
@@ -120,32 +124,63 @@ def drop_condition(
 
 # -- patch tokens --------------------------------------------------------------------------------------------------
 
+#: Portrait conditions of the base model (Tab. 4(b)): the paper's multi-scale features, one scale at every layer,
+#: or one global token (Rodin's CLIP image token; here pooled from the same encoder).
+CONDITION_MODES = ("multi_scale", "single_scale", "global")
+
+
 class PortraitTokenizer(nn.Module):
     """PatchPartition of Eq. 8: one strided conv per scale maps a feature map to tokens [B, K_i, token_dim].
 
     Args: feature_channels (SDXL VAE: (128, 256, 512)), kernel_sizes (= strides; (16, 8, 4)), token_dim (width of
     the tokens the UNet's cross-attention reads), portrait_size (256; sets the token count for the learned
-    positional embeddings, which let attention tell patches apart).
+    positional embeddings, which let attention tell patches apart), mode (:data:`CONDITION_MODES`), scale (the
+    feature map ``single_scale`` / ``global`` read; -1: the last given, the deepest).
+
+    The output always has one token tensor per given scale (one per cross-attention resolution):
+
+    - ``multi_scale`` (the paper): scale i's patch tokens for resolution i.
+    - ``single_scale``: the patch tokens of scale ``scale`` for every resolution (Tab. 4(b) D).
+    - ``global``: one token, a linear projection of the global average of scale ``scale``'s map, for every
+      resolution (Tab. 4(b) A-C: the stand-in for Rodin's global CLIP image token, which needs no positional code).
     """
 
     def __init__(self, feature_channels: Sequence[int] = (128, 256, 512), kernel_sizes: Sequence[int] = (16, 8, 4),
-                 token_dim: int = 512, portrait_size: int = 256):
+                 token_dim: int = 512, portrait_size: int = 256, mode: str = "multi_scale", scale: int = -1):
         super().__init__()
         if len(feature_channels) != len(kernel_sizes):
             raise ConfigError("feature_channels and kernel_sizes must have one entry per scale",
                               "e.g. feature_channels=(128, 256, 512), kernel_sizes=(16, 8, 4)")
-        self.projs = nn.ModuleList(nn.Conv2d(c, token_dim, k, stride=k) for c, k in zip(feature_channels, kernel_sizes))
-        counts = []
-        for stride, k in zip(FEATURE_STRIDES, kernel_sizes):
-            side = portrait_size // stride // k
+        if mode not in CONDITION_MODES:
+            raise ConfigError(f"unknown portrait condition {mode!r}", f"use one of {list(CONDITION_MODES)}")
+        n = len(feature_channels)
+        if not -n <= scale < n:
+            raise ConfigError(f"condition scale {scale} is not among the {n} feature scales",
+                              f"use an index in [-{n}, {n - 1}] (-1: the deepest)")
+        self.mode, self.scale, self.num_scales = mode, scale % n, n
+        used = range(n) if mode == "multi_scale" else [self.scale]
+        counts = {}
+        for i in used:
+            side = portrait_size // FEATURE_STRIDES[i] // kernel_sizes[i]
             if side < 1:
-                raise ConfigError(f"portrait_size {portrait_size} gives no patches at stride {stride} with kernel {k}",
-                                  "use a larger portrait or smaller patch kernels")
-            counts.append(side * side)
-        self.pos = nn.ParameterList(nn.Parameter(torch.randn(1, n, token_dim) * 0.02) for n in counts)
+                raise ConfigError(f"portrait_size {portrait_size} gives no patches at stride {FEATURE_STRIDES[i]} "
+                                  f"with kernel {kernel_sizes[i]}", "use a larger portrait or smaller patch kernels")
+            counts[i] = side * side
+        if mode == "global":
+            self.projs = nn.ModuleList([nn.Linear(feature_channels[self.scale], token_dim)])
+            self.pos = nn.ParameterList()
+        else:
+            self.projs = nn.ModuleList(nn.Conv2d(feature_channels[i], token_dim, kernel_sizes[i],
+                                                 stride=kernel_sizes[i]) for i in used)
+            self.pos = nn.ParameterList(nn.Parameter(torch.randn(1, counts[i], token_dim) * 0.02) for i in used)
         self.token_dim = token_dim
         self.feature_channels = tuple(int(c) for c in feature_channels)
         self.portrait_size = portrait_size
+
+    def describe(self) -> dict:
+        """The condition as recorded in a run's settings."""
+        return {"condition": self.mode, "scale": None if self.mode == "multi_scale" else self.scale,
+                "scales": self.num_scales, "token_dim": self.token_dim}
 
     def null_features(self, batch_size: int, device: str | torch.device = "cpu") -> list[Tensor]:
         """Ones-valued feature maps of the right shapes: the null condition when no portrait is given."""
@@ -153,14 +188,22 @@ class PortraitTokenizer(nn.Module):
                 for c, s in zip(self.feature_channels, FEATURE_STRIDES)]
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:  # each [B, C_i, H_i, W_i] -> [B, K_i, D]
+        if len(features) < self.num_scales:
+            raise InputError(f"{len(features)} portrait feature maps where the tokenizer reads {self.num_scales}",
+                             "pass the encoder's first len(context_resolutions) feature maps")
+        features = list(features)[: self.num_scales]
+        if self.mode == "global":
+            tok = self.projs[0](features[self.scale].mean(dim=(2, 3)))[:, None]  # [B, 1, D]
+            return [tok] * self.num_scales
         out = []
-        for proj, pos, f in zip(self.projs, self.pos, features):
+        for proj, pos, f in zip(self.projs, self.pos,
+                                features if self.mode == "multi_scale" else [features[self.scale]]):
             tok = proj(f).flatten(2).transpose(1, 2)
             if tok.shape[1] != pos.shape[1]:
                 raise InputError(f"{tok.shape[1]} portrait tokens where the tokenizer was built for {pos.shape[1]}",
                                  "prepare portraits at the configured portrait_size")
             out.append(tok + pos)
-        return out
+        return out if self.mode == "multi_scale" else out * self.num_scales
 
 
 # -- encoders ------------------------------------------------------------------------------------------------------

@@ -125,10 +125,12 @@ def _unet(u: UNetConfig, image_size: int, channels: int, out_channels: int, cont
 
 
 def build_base(cfg: RodinHDConfig, feature_channels: Sequence[int]) -> BaseDiffusion:
-    """The base model of ``cfg.base`` reading portrait features with ``feature_channels`` per scale."""
+    """The base model of ``cfg.base`` reading portrait features with ``feature_channels`` per scale, conditioned as
+    ``base.condition`` says (multi-scale, single-scale or one global token; :class:`PortraitTokenizer`)."""
     b, c = cfg.base, cfg.conditioning
     n = len(b.context_resolutions)
-    tok = PortraitTokenizer(feature_channels[:n], list(c.kernel_sizes)[:n], c.token_dim, c.portrait_size)
+    tok = PortraitTokenizer(feature_channels[:n], list(c.kernel_sizes)[:n], c.token_dim, c.portrait_size,
+                            mode=b.condition, scale=b.condition_scale)
     C = cfg.triplane.channels
     unet = _unet(b.unet, b.resolution, C, 2 * C, c.token_dim)
     return BaseDiffusion(unet, tok, list(b.context_resolutions), b.num_steps, b.schedule, b.vlb_weight,
