@@ -4,6 +4,11 @@ The schema is the dataclass tree below; ``configs/paper.yaml`` fills it with the
 App. A, Table 5) and ``configs/tiny.yaml`` with a scale that runs end to end on a laptop CPU. Unknown keys are
 rejected with the nearest valid ones (:func:`avatar_core.config.load_config`). The modules of the package take
 plain arguments; :mod:`rodinhd.pipeline` maps these configs onto them.
+
+The dataclass defaults are not one source: each field that a source fixes says whether its default is the paper's
+value (Table 5, App. A, an equation), the authors' code's (RodinHD/RodinHD @ 690d34d, marked CODE where it differs
+from the paper) or ours. ``configs/paper.yaml`` has every paper value, ``configs/authors_code.yaml`` every code
+value, each line with its source.
 """
 
 from __future__ import annotations
@@ -101,51 +106,89 @@ class DecoderConfig:
 
 @dataclass
 class Stage1Config:
-    """Stage 1, Algorithm 1: task replay + IWC on a subset (:func:`rodinhd.fitting.fit_shared`)."""
+    """Stage 1, Algorithm 1: task replay + IWC on a subset (:func:`rodinhd.fitting.fit_shared`).
+
+    The defaults MIX sources, each marked: iteration counts are the paper's (Table 5 / App. A), learning rates and
+    regularisers the authors' code's (RodinHD @ 690d34d), since Table 5's constant rates are what ``paper.yaml``
+    sets. ``paper.yaml`` holds every paper value, ``authors_code.yaml`` every code value, ``tiny.yaml`` its own.
+    """
 
     num_avatars: int = 64
-    """Avatars fitted jointly with the decoder (paper 64; the authors' code 256); 0 means all training avatars."""
+    """Avatars fitted jointly with the decoder. Paper (App. A: 64); code @ 690d34d: 256. 0: all training avatars."""
     outer_loops: int = 30
+    """Paper (Table 5 "Outer loop iterations per avatar"); the code @ 690d34d agrees."""
     inner_iterations: int = 5000
+    """Paper (Table 5 "Inner loop iterations"); code @ 690d34d: 6000."""
     rays_per_step: int = 8192
+    """Paper (App. A, Table 5 "Ray batch size"); the code agrees."""
     num_samples: int = 1024
+    """Paper (Table 5 "Samples per ray")."""
     triplane_lr: float = 2e-2
+    """CODE @ 690d34d (2e-2 / (10 loop + 1)); paper (Table 5): 2e-3, constant."""
     triplane_lr_loop_decay: float = 10.0
+    """CODE @ 690d34d (the 10 of 2e-2 / (10 loop + 1)); paper (Table 5): 0, one constant rate."""
     decoder_lr: float = 2e-3
+    """CODE @ 690d34d (2e-3 x 0.1^(iter / (50 inner))); paper (Table 5): 2e-4, constant."""
     decoder_lr_decay_visits: float = 50.0
+    """CODE @ 690d34d (the 50 above); paper (Table 5): inf, one constant rate."""
     tv_weight: float = 2e-4
+    """CODE @ 690d34d; paper (Table 5 "Loss Weight of TV regularization"): 1e-2."""
     l2_weight: float = 0.0
+    """CODE @ 690d34d (no L2); paper (Table 5 "Loss Weight of L2 regularization"): 1e-4."""
     l1_weight: float = 1e-6
+    """CODE @ 690d34d; paper (Table 5): no L1 term (0)."""
     weight_decay: float = 0.0
+    """Paper (Table 5 "Ours": 0; 1e-4 only in its "+ Weight decay" column); the code agrees."""
     iwc_weight: float = 0.1
+    """Paper (Table 5 "Loss Weight of IWC regularization", Eq. 3's lambda); the code agrees."""
     iwc_half: bool = True
+    """Paper (Eq. 3's lambda/2); code @ 690d34d: False (``sum F (w* - w)^2``, no 1/2)."""
     iwc_normalize: bool = False
+    """Paper and code (raw Fisher values); True is ours (Fisher divided by its mean)."""
     distortion_weight: float = 0.0
-    """mip-NeRF 360's distortion loss (the authors' code: 2e-5; the paper: none)."""
+    """Paper (no distortion loss); code @ 690d34d: 2e-5 (mip-NeRF 360's)."""
     occupancy: bool = True
+    """Paper (App. A: an occupancy grid); the code agrees (torch-ngp's)."""
     grid_resolution: int = 128
+    """Paper (App. A: 128^3)."""
     grid_update_every: int = 16
+    """Ours (neither source gives one)."""
     init_std: float = 0.1
+    """Ours."""
     shuffle: bool = False
+    """Paper (Algorithm 1 visits s = 1..S in order); the code agrees."""
 
 
 @dataclass
 class Stage2Config:
-    """Stage 2: frozen decoder, every avatar fitted on its own, sharded by rank (:func:`rodinhd.fitting.fit_triplanes`)."""
+    """Stage 2: frozen decoder, every avatar fitted on its own, sharded by rank (:func:`rodinhd.fitting.fit_triplanes`).
+
+    As in :class:`Stage1Config`: the iteration count is the paper's, the rate and regularisers the code's."""
 
     iterations: int = 25000
+    """Paper (App. A "set to 25000"); code @ 690d34d: 30000."""
     rays_per_step: int = 8192
+    """Paper (App. A); the code agrees."""
     num_samples: int = 1024
+    """Paper (Table 5)."""
     triplane_lr: float = 2e-2
+    """CODE @ 690d34d; paper: Table 5's 2e-3 (the same fitting loss as stage 1)."""
     tv_weight: float = 2e-4
+    """CODE @ 690d34d; paper (Table 5): 1e-2."""
     l2_weight: float = 0.0
+    """CODE @ 690d34d; paper (Table 5): 1e-4."""
     l1_weight: float = 1e-6
+    """CODE @ 690d34d; paper (Table 5): none (0)."""
     occupancy: bool = True
+    """Paper (App. A)."""
     grid_resolution: int = 128
+    """Paper (App. A: 128^3)."""
     grid_update_every: int = 16
+    """Ours."""
     init_std: float = 0.1
+    """Ours."""
     init_from_stage1: bool = True
-    """Start a stage-1 avatar from its stage-1 triplane (the others start from noise)."""
+    """Ours: start a stage-1 avatar from its stage-1 triplane (the others start from noise)."""
 
 
 @dataclass
@@ -280,13 +323,17 @@ class UpsampleConfig:
     aug_down_max: float = 2.0
     """``degrade``: extra area-downsampling factor at level 1 (ours)."""
     patch_size: int = 64
+    """Code @ 690d34d (64-pixel patches; the paper gives no size)."""
     image_loss_weight: float = 1.0
+    """Paper (Eq. 6 added with weight 1); the code agrees (render loss weight 1)."""
     perceptual_weight: float = 0.5
+    """CODE @ 690d34d (LPIPS 0.5); paper (Eq. 6: L_Pixel + L_Perc): 1."""
     render_num_samples: int = 128
     """Marching steps for the image-level loss's patches."""
     perceptual: str = "vgg"
-    """The perceptual term of Eq. 6: ``vgg`` (sum over VGG-16 layers of feature distances, the paper's Psi^l) or
-    ``lpips`` (LPIPS over VGG-16, the authors' code @ 690d34d); it decides which weight files a run requires."""
+    """The perceptual term of Eq. 6. Paper: ``vgg`` (sum over VGG-16 layers of feature distances, Psi^l "extracted
+    using a pre-trained VGG"); code @ 690d34d: ``lpips`` (LPIPS over VGG-16). It decides which weight files a run
+    requires (:func:`rodinhd.streaming.resolve_standins`)."""
     vgg_path: str = ""
     """torchvision VGG-16 weights file for the perceptual term; empty uses the embedded structural loss."""
     lpips_path: str = ""
