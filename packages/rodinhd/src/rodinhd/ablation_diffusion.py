@@ -170,10 +170,12 @@ def _train_row(cfg: RodinHDConfig, settings: dict, planes: Tensor, feats: Sequen
         o = m(batch["low"].to(device), [batch[f"f{k}"].to(device) for k in range(n)])
         return o["loss"], {"mse": o["mse"].detach(), "vlb": o["vlb"].detach()}
 
-    # A finished run returns at once; an interrupted one continues from its checkpoint (same settings only).
+    # A finished run returns at once; an interrupted one continues from its checkpoint (same settings only; a
+    # larger max_steps extends a finished run).
+    run_config = {**settings, "train": {k: v for k, v in settings["train"].items() if k != "max_steps"}}
     Trainer(loop, model.to(device),
             lambda ps: cls([p for p in ps if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay),
-            step, _batches(x, feats, int(t.batch_size), seed), run_config=settings,
+            step, _batches(x, feats, int(t.batch_size), seed), run_config=run_config,
             config_key="ablation.diffusion").train(resume="auto")
     model = model.to(device).eval()
     load_trained(model, run_dir, True, "base")
