@@ -23,8 +23,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from avatar_core.data.garment_score import garment_scorer, parse_garments
 from tera import avatars, stage2
-from tera import evaluate as E
 from tera import pipeline as P
 from tera.config import CONFIG_DIR, load_config
 from tera.distill import DistillationDecoder
@@ -84,12 +84,13 @@ def bench_samplers(cfg, run_dir: str | None, ddim_steps: list[int], seeds: int,
     """DDPM (100 steps, the paper's sampler) against DDIM at fewer steps, from the same initial noise.
 
     Per sampler: seconds per generation (sampling only, one prompt), the text-faithfulness score of
-    ``pipeline.evaluate`` (score_colour_map of the decoded UV colour map against the prompt) over prompts x seeds,
+    ``pipeline.evaluate`` (the kernel's garment scorer, avatar_core.data.garment_score, on the decoded UV colour map
+    against the prompt's attributes) over prompts x seeds,
     and the mean absolute per-texel difference of the decoded colour map to the DDPM sample of the same seed
     (``sample`` draws the initial noise first from the seeded generator, so both chains start from the same x_T).
     """
     avatar, decoder, model = tiny_models(cfg, run_dir)
-    parts = avatar.uv_mapper.part_masks()
+    scorer = garment_scorer(cfg.body.name, cfg.body.model_dir, cfg.data.uv_res)
     rgb = ATTRIBUTE_SLICES["rgb"]
     conds = {p: model.encode_text([p]) for p in prompts}
     rows, ref = [], {}
@@ -104,7 +105,7 @@ def bench_samplers(cfg, run_dir: str | None, ddim_steps: list[int], seeds: int,
                 times.append(time.perf_counter() - t0)
                 with torch.no_grad():
                     colour = decoder(latent)[0, rgb].cpu()  # [3, R, R], as evaluate scores it
-                scores += list(E.score_colour_map(colour, parts, E.parse_prompt(p)).values())
+                scores += list(scorer.score(colour, parse_garments(p)).values())
                 if sampler == "ddpm":
                     ref[p, s] = colour
                 diffs.append(float((colour - ref[p, s]).abs().mean()))

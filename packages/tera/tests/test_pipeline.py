@@ -143,30 +143,26 @@ def test_configs():
         load_config(None, ["distill.latent_resolutoin=8"])
 
 
-def test_prompt_scorer_reads_palette_colours():
-    """The evaluation's scorer against maps painted with known colours (UV part masks from the body)."""
-    avatar = P.build_avatar(load_config(None, ["body.num_points=800"]))
-    parts = avatar.uv_mapper.part_masks()
-    assert E.parse_prompt("a man in a green striped shirt and black trousers") == {
-        "top_type": "shirt", "top_colour": "green", "bottom_type": "trousers", "bottom_colour": "black"}
-    assert E.parse_prompt("a woman in a light blue dress") == {"top_type": "dress", "top_colour": "light blue"}
-    from avatar_core.data.appearance import GARMENT_COLOURS
+def test_evaluation_prompts_are_read_by_the_kernel_scorer(run):
+    """``tera evaluate`` scores with the kernel's garment scorer (avatar_core.data.garment_score; the old prompt
+    scorer is gone): every configured prompt asks for garment attributes it reads, the colours by palette name,
+    and the dataset's own textures read as their captions (tests/test_scaling.py checks that against chance)."""
+    from avatar_core.data.garment_score import garment_scorer, parse_garments
 
-    R = 64
-    rgb = torch.full((3, R, R), 0.8)
-    from tera.uv_gaussians import resize_mask
-
-    def paint(names, colour):
-        for n in names:
-            rgb[:, resize_mask(parts[n], R)] = torch.tensor(GARMENT_COLOURS[colour])[:, None]
-
-    paint(["upper_body", "arms"], "green")
-    paint(["lower_body", "legs"], "black")
-    asked = E.parse_prompt("a man in a green shirt and black trousers")
-    assert E.score_colour_map(rgb, parts, asked) == {"top_colour": 1.0, "bottom_colour": 1.0, "top_type": 1.0,
-                                                     "bottom_type": 1.0}
-    wrong = E.score_colour_map(rgb, parts, E.parse_prompt("a woman in a red dress"))
-    assert wrong == {"top_colour": 0.0, "top_type": 0.0}
+    cfg, *_ = run
+    assert not hasattr(E, "parse_prompt") and not hasattr(E, "score_colour_map")
+    assert parse_garments("a man in a green striped shirt and black trousers").items() >= {
+        "top_type": "shirt", "top_colour": "green", "bottom_type": "trousers", "bottom_colour": "black"}.items()
+    assert parse_garments("a woman in a light blue dress")["top_colour"] == "light blue"
+    e = cfg.evaluate
+    for prompt in [*e.prompts, *e.shape_prompts, e.edit_prompt]:
+        assert {"top_type", "top_colour"} <= set(parse_garments(prompt)), prompt
+    scorer = garment_scorer(cfg.body.name, cfg.body.model_dir, cfg.data.uv_res)
+    ds = P.load_dataset(cfg)
+    for i in range(len(ds)):
+        asked = parse_garments(ds.captions(i)[0])
+        got = scorer.score(ds.texture(i).permute(2, 0, 1), asked)
+        assert set(got) == set(asked) and sum(got.values()) >= len(asked) - 1
 
 
 def test_train_resume_is_exact(run, tmp_path):

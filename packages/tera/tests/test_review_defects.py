@@ -210,6 +210,7 @@ def test_evaluate_joined_region_and_both_ablation_arms(run, tmp_path):
     inside), and both ablation arms decode to the main run's UV resolution and carry a held-out text score."""
     cfg, *_ = run
     sub = load_config(None, TOY + [f"run_dir={cfg.run_dir}", f"data.root={cfg.data.root}",
+                                   "evaluate.data_sizes=[]",  # the scaling study: tests/test_scaling.py
                                    "evaluate.edit_region=upper_clothes+shoes", "evaluate.samples_per_prompt=1",
                                    "evaluate.random_captions=2", "evaluate.ablation_resolutions=[4,8]",
                                    "evaluate.ablation_steps=1", "evaluate.ablation_diffusion_steps=1",

@@ -85,7 +85,8 @@ def _export(args):
 def _evaluate(args):
     from tera import pipeline
 
-    report = pipeline.evaluate(_config(args), out_dir=args.out, ablation=not args.no_ablation, overwrite=args.overwrite)
+    report = pipeline.evaluate(_config(args), out_dir=args.out, ablation=not args.no_ablation, overwrite=args.overwrite,
+                               scaling=not args.no_scaling)
     print(pipeline.format_report(report))
 
 
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("evaluate", "text faithfulness, editing errors, latent-resolution ablation", _evaluate)
     p.add_argument("--out", default=None)
     p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--no-scaling", action="store_true", help="skip the data-scaling study (evaluate.data_sizes)")
     for p in (c for c in commands if c.prog.split()[-1] in ("generate", "edit", "recolour", "animate", "export",
                                                                     "evaluate")):
         p.add_argument("--overwrite", action="store_true", help="replace an existing result in the output folder "

@@ -205,6 +205,9 @@ class DiffusionConfig:
     """Steps of the faster DDIM sampler."""
     per_channel_stats: bool = False
     """Measure the latent normalisation per channel."""
+    pooled_text: bool = False
+    """Also condition on the prompt's pooled token states, added to the UNet's timestep embedding (every block sees
+    the prompt; cross-attention alone reaches only the attention levels)."""
     lr: float = 1.0e-3
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -262,7 +265,7 @@ class AnimateConfig:
 
 @dataclass
 class EvaluateConfig:
-    """`tera evaluate`: text faithfulness, editing, latent-resolution ablation."""
+    """`tera evaluate`: text faithfulness, the data-scaling study, editing, latent-resolution ablation."""
 
     prompts: list[str] = field(default_factory=lambda: [
         "a woman in a red dress",
@@ -302,6 +305,15 @@ class EvaluateConfig:
     """Turntable views rendered per generated avatar for the CLIP score (the score averages over them)."""
     clip_render_size: int = 224
     """Render size of those views before CLIP's own resize (CLIP ViT-L/14 reads 224 x 224)."""
+    data_sizes: list[int] = field(default_factory=list)
+    """The data-scaling study (tera.scaling): training subset sizes, the first N avatars each, increasing, the last
+    equal to data.max_avatars (the run's teacher and decoder, fit on it, are shared); empty: not run."""
+    heldout_avatars: int = 32
+    """Avatars after the largest subset whose long captions are the study's held-out prompts."""
+    base_steps: int = 400
+    """Stage-2 steps of the study at ``base_avatars`` avatars; a size of N trains base_steps x N / base_avatars."""
+    base_avatars: int = 16
+    """The training-set size ``base_steps`` is for."""
 
 
 @dataclass

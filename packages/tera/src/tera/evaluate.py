@@ -5,7 +5,6 @@ the replacement baseline, Sec. 3.5), and the latent-resolution ablation; the rep
 from __future__ import annotations
 
 import copy
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ import torch
 from torch import Tensor
 
 from avatar_core.config import merge_overrides
-from avatar_core.data.appearance import GARMENT_COLOURS
 from avatar_core.data.garment_score import ATTRIBUTES, GarmentScorer, garment_scorer, parse_garments
 from avatar_core.data.stats import seeded_subset
 from avatar_core.errors import ConfigError
@@ -26,90 +24,14 @@ from tera.avatars import Models, body_centre, decode, load_models, predict_shape
 from tera.config import TeraConfig
 from tera.generate import edit, generate, sample_latents
 from tera.runs import load_dataset, run_paths
+from tera.scaling import format_scaling, plan_study, run_study
 from tera.shape_text import shape_table
 from tera.stage1 import distill
 from tera.stage2 import train
 from tera.uv_gaussians import ATTRIBUTE_SLICES, resize_mask
 
-__all__ = ["CLIP_MEAN", "CLIP_NOT_COMPUTED", "CLIP_STD", "ClipScorer", "ablation_arms", "avatar_views", "clip_preprocess", "evaluate",
-           "format_clip", "format_report", "parse_prompt", "score_colour_map"]
-
-_COLOUR_NAMES = sorted(GARMENT_COLOURS, key=len, reverse=True)  # "light blue" before "blue"
-_TOPS = ("dress", "jacket", "shirt")
-_BOTTOMS = ("trousers", "shorts", "skirt")
-
-
-def parse_prompt(prompt: str) -> dict[str, str]:
-    """Garment attributes a prompt asks for: top/bottom colour and type (palette names, garment words)."""
-    p = " " + prompt.lower() + " "
-    found: list[tuple[int, str, str]] = []  # (position, kind, word)
-    taken = [False] * len(p)
-    for name in _COLOUR_NAMES:
-        for m in re.finditer(rf"(?<![a-z]){re.escape(name)}(?![a-z])", p):
-            if not any(taken[m.start():m.end()]):
-                found.append((m.start(), "colour", name))
-                for k in range(m.start(), m.end()):
-                    taken[k] = True
-    for word in _TOPS + _BOTTOMS:
-        for m in re.finditer(rf"(?<![a-z]){word}(?![a-z])", p):
-            found.append((m.start(), "type", word))
-    found.sort()
-    out: dict[str, str] = {}
-    colour = None
-    for _, kind, word in found:
-        if kind == "colour":
-            colour = word
-            continue
-        slot = "top" if word in _TOPS else "bottom"
-        if f"{slot}_type" not in out:
-            out[f"{slot}_type"] = word
-            if colour is not None:
-                out[f"{slot}_colour"] = colour
-        colour = None
-    return out
-
-
-def _nearest_colour(rgb: Tensor) -> str:
-    names = list(GARMENT_COLOURS)
-    pal = torch.tensor([GARMENT_COLOURS[n] for n in names])
-    return names[int(((pal - rgb[None]) ** 2).sum(-1).argmin())]
-
-
-def score_colour_map(rgb: Tensor, parts: dict[str, Tensor], asked: dict[str, str]) -> dict[str, float]:
-    """Does a UV colour map ``[3, R, R]`` show the asked garments? 1/0 per asked attribute (see README).
-
-    Colour: the median colour of the region (upper body for the top, lower body for the bottom) named by the
-    nearest palette colour. Type: 'dress' when the thighs carry the top's colour; 'trousers' vs 'shorts/skirt'
-    from how much of the legs the bottom's colour covers (the lower legs covered -> trousers).
-    """
-    R = rgb.shape[-1]
-
-    def region(name: str) -> Tensor:  # [M, 3]
-        m = resize_mask(parts[name], R)
-        return rgb[:, m].T
-
-    def median(x: Tensor) -> Tensor:
-        return x.median(0).values
-
-    top, bottom = region("upper_body"), region("lower_body")
-    top_c, bottom_c = median(top), median(bottom)
-    legs_m = resize_mask(parts["legs"], R)
-    rows = torch.nonzero(legs_m)[:, 0]
-    lower_legs = rgb[:, legs_m].T[rows > rows.float().median()]
-    near = lambda x, c: (((x - c[None]) ** 2).sum(-1).sqrt() < 0.2).float().mean()  # noqa: E731
-    scores: dict[str, float] = {}
-    if "top_colour" in asked:
-        scores["top_colour"] = float(_nearest_colour(top_c) == asked["top_colour"])
-    if "bottom_colour" in asked:
-        scores["bottom_colour"] = float(_nearest_colour(bottom_c) == asked["bottom_colour"])
-    dress = bool(near(bottom, top_c) > 0.5)
-    if "top_type" in asked:
-        scores["top_type"] = float((asked["top_type"] == "dress") == dress)
-    if "bottom_type" in asked:
-        long = bool(near(lower_legs, bottom_c) > 0.5)
-        scores["bottom_type"] = float((asked["bottom_type"] == "trousers") == long and not dress)
-    return scores
-
+__all__ = ["CLIP_MEAN", "CLIP_NOT_COMPUTED", "CLIP_STD", "ClipScorer", "ablation_arms", "avatar_views", "clip_preprocess",
+           "evaluate", "format_clip", "format_report"]
 
 def _mean_score(rows: list[dict[str, float]]) -> float:
     vals = [v for r in rows for v in r.values()]
@@ -205,8 +127,9 @@ def format_clip(clip: dict[str, Any] | None) -> list[str]:
 
 
 def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool = True,
-             progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Text faithfulness (held-out prompts vs random captions), editing errors, latent-resolution ablation.
+             progress: bool = True, overwrite: bool = False, scaling: bool = True) -> dict[str, Any]:
+    """Text faithfulness (held-out prompts vs random captions), the data-scaling study (:mod:`tera.scaling`, when
+    ``scaling`` and ``evaluate.data_sizes``), editing errors, latent-resolution ablation.
 
     ``out`` is a result folder (``avatar_core.results``): an earlier evaluation there is replaced only with
     ``overwrite``."""
@@ -215,6 +138,9 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
     out = Path(out_dir) if out_dir is not None else run_paths(cfg).run / "evaluation"
     edit_mod.parse_regions(e.edit_region)  # a bad region fails before anything is generated
     arms = ablation_arms(cfg) if ablation else []  # so does an ablation resolution the decoder cannot reach
+    scaling = bool(scaling and e.data_sizes)
+    if scaling:
+        plan_study(cfg)  # and a study the run or the dataset cannot hold
     check_result_dir(out, EVALUATION_KIND, overwrite, recognise=_is_evaluation)
     models = load_models(cfg)
     ds = load_dataset(cfg)
@@ -274,6 +200,9 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
         "samples_per_prompt": e.samples_per_prompt,
         "sampler": e.sampler,
     }
+
+    # Text faithfulness vs training data: stage 2 on nested subsets, held-out captions (tera.scaling).
+    report["scaling"] = run_study(cfg, models.decoder, scorer, sampling, progress) if scaling else None
 
     # Body shape from text: the words the predicted shapes and the generated avatars' bodies read as, against the
     # asked ones (tera.shape_text). Each avatar is made as `tera generate` makes it: shape from the prompt, the
@@ -433,6 +362,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines += ["", "| held-out prompt | asked | score | combination in training set |", "|---|---|---|---|"]
     for p in tf["per_prompt"]:
         lines.append(f"| {p['prompt']} | {p['asked']} | {p['score']:.2f} | {p['combination_in_training_set']} |")
+    lines += [""] + format_scaling(report.get("scaling"))
     lines += [""] + format_clip(report.get("clip_score"))
     shape = report.get("shape")
     if shape:
