@@ -251,11 +251,22 @@ class StructuredLatentDiffusion(nn.Module):
         """The stored null condition repeated ``batch`` times."""
         return TextCondition(self.null_states.expand(batch, -1, -1), self.null_mask.expand(batch, -1))
 
+    @property
+    def pooled_text(self) -> bool:
+        """Whether the UNet also takes the prompt's pooled state, added to its timestep embedding (unet_config
+        ``class_embed_type: projection``): every ResNet block then sees the whole prompt, not only the
+        cross-attention levels."""
+        return self.unet_config.get("class_embed_type") == "projection"
+
     def denoise(self, x_t: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
         """Raw UNet output (of kind ``self.prediction``) for x_t [B, C, h, w] at original steps t [B]."""
         states = self.text_proj(cond.states)
         mask = cond.mask if self.use_text_mask else None
-        return self.unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+        pooled = None
+        if self.pooled_text:  # the mean of the real tokens' states (MiniLM's sentence embedding is this mean)
+            w = cond.mask.to(cond.states.dtype).unsqueeze(-1)  # [B, L, 1]
+            pooled = (cond.states * w).sum(1) / w.sum(1).clamp_min(1.0)  # [B, D]
+        return self.unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask, class_labels=pooled).sample
 
     # ---- training ------------------------------------------------------------------------------------
 

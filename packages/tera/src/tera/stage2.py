@@ -34,11 +34,13 @@ def unet_config(cfg: TeraConfig, channels: int, resolution: int, text_dim: int) 
     if len(u.down_block_types) != len(u.block_out_channels) or len(u.up_block_types) != len(u.block_out_channels):
         raise ConfigError("diffusion.unet: block_out_channels, down_block_types and up_block_types need one entry "
                           "per resolution level", "give lists of equal length")
+    pooled = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": text_dim} \
+        if cfg.diffusion.pooled_text else {}
     return {"sample_size": resolution, "in_channels": channels, "out_channels": channels,
             "block_out_channels": list(u.block_out_channels), "down_block_types": list(u.down_block_types),
             "up_block_types": list(u.up_block_types), "layers_per_block": u.layers_per_block,
             "cross_attention_dim": text_dim, "attention_head_dim": u.attention_head_dim,
-            "norm_num_groups": u.norm_num_groups}
+            "norm_num_groups": u.norm_num_groups, **pooled}
 
 
 def train(cfg: TeraConfig, progress: bool = True, resume: str | None = "auto") -> dict[str, Any]:
