@@ -110,6 +110,9 @@ class TeacherConfig:
     """Joint fit: weight of the mean squared feature inside the UV charts."""
     lambda_tv: float = 0.0
     """Joint fit: weight of the mean squared difference of adjacent texels inside the charts (smoothness)."""
+    feature_levels: list[int] = field(default_factory=list)
+    """Joint fit: resolutions of the free feature parameters, upsampled to `resolution` and summed before the tanh
+    (coarse levels move whole regions from the few pixels of a view); empty: one parameter per texel."""
     steps: int = 40
     """Sequential fit: iterations per avatar."""
     lr: float = 5.0e-4
