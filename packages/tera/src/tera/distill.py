@@ -52,14 +52,24 @@ class PerceptualLoss(KernelPerceptualLoss):
 
 
 def features_to_latent(features: Tensor, latent_resolution: int) -> Tensor:  # [B, C, H, W] -> [B, C, r, r]
-    """The structured latent: teacher UV features area-downsampled to ``latent_resolution`` (paper 1536 -> 256)."""
+    """The structured latent: teacher UV features area-downsampled to ``latent_resolution`` (paper 1536 -> 256).
+
+    Texels whose features are exactly zero in every channel are outside the UV charts (the fitted teacher writes
+    zeros there): the pooling averages only the texels inside, so a chart's border keeps its own values instead
+    of being pulled towards zero, and a latent texel with no texel inside is zero. Features without such texels
+    (IDOL's) are plainly area-averaged."""
     if features.dim() == 3:
         features = features[None]
     if features.dim() != 4:
         raise InputError(f"teacher features must be [B, C, H, W], got {tuple(features.shape)}", "stack feature maps")
+    features = features.float()
     if features.shape[-2:] == (latent_resolution, latent_resolution):
-        return features.float()
-    return F.interpolate(features.float(), size=(latent_resolution, latent_resolution), mode="area")
+        return features
+    size = (latent_resolution, latent_resolution)
+    inside = (features != 0).any(1, keepdim=True).float()  # [B, 1, H, W]
+    pooled = F.interpolate(features * inside, size=size, mode="area")
+    share = F.interpolate(inside, size=size, mode="area")
+    return torch.where(share > 0, pooled / share.clamp_min(1e-12), torch.zeros_like(pooled))
 
 
 def latent_scale(latents: Tensor | Iterable[Tensor], per_channel: bool = False, center: bool = True) -> Tensor:
