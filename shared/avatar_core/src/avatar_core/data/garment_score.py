@@ -26,13 +26,15 @@ shows (:meth:`GarmentScorer.view_regions`, :meth:`GarmentScorer.score_views`). T
   without its open front) away from where long hair falls; the thighs every bottom covers (not under a jacket); the
   open front without its buttons; each one texel in from its edges (hems and collars are painted darker). The
   painter draws patterns as solid textures of the template body's 3D position: stripes are slabs of constant
-  height, checks a 3D checker and dots a 3D lattice of balls (about 4 % of the surface), the second colour at
+  height, checks a 3D checker and dots a 3D lattice of balls (a few percent of the surface), the second colour at
   least 0.3 in luminance from the garment's. So the region's luminances are split in two (two-means); fewer than
   two minority texels (or half a percent), or centres less than 0.12 apart -> solid; else the split is compared
   between texels of the same template height (4 mm bins, random pairs in a bin) and texels anywhere (random
   pairs): stripes disagree at the same height under 0.4 times as often as anywhere, checks and dots about as
   often; of those, a minority under 20 % of the texels -> dotted, else checked. Renders read each pixel's height
-  from the texel :meth:`GarmentScorer.view_regions` found under it (:class:`ViewRegions`).
+  from the texel :meth:`GarmentScorer.view_regions` found under it (:class:`ViewRegions`); a render reads a
+  pattern only as far as it resolves it (blobs wider than a stripe blur stripes into a mix read as checks, and
+  an arm's blobs spilling over the torso read as a second colour).
 """
 
 from __future__ import annotations
@@ -178,8 +180,8 @@ def decide_pattern(rgb: Tensor, height: Tensor) -> str | None:
 
 def decide(texels: dict[str, Tensor], heights: dict[str, Tensor]) -> dict[str, str]:
     """What the colours ``[M, 3]`` seen in each of :data:`REGIONS` show, per attribute (module docstring); the
-    patterns also need each fabric region's template heights ``[M]``. A region nothing was seen in leaves the
-    attributes that need it out."""
+    patterns also need each fabric region's template heights ``[M]``. A region nothing was seen in (a fabric
+    region: fewer than 16 samples) leaves the attributes that need it out."""
 
     def near(name: str, colour: Tensor) -> float:  # fraction of the region's texels showing ``colour``
         x = texels[name]
