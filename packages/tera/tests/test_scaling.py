@@ -94,3 +94,34 @@ def test_scorer_reads_real_textures_as_their_own_captions(run):
     mean = lambda rows: float(np.mean([v for r in rows for v in r.values()]))  # noqa: E731
     assert mean(own) >= 0.8 and mean(own) > mean(other)
     assert all(set(r) == set(parse_garments(c)) for r, c in zip(own, caps))  # every asked attribute is scored
+
+
+def test_pooled_text_reaches_the_unet_and_survives_save_load(tmp_path):
+    """diffusion.pooled_text: the prompt's pooled states enter the timestep embedding (its projection gets a
+    gradient from the loss; padding tokens do not change it) and a saved model rebuilds with it."""
+    from tera.latent_diffusion import StructuredLatentDiffusion
+    from tera.stage2 import unet_config
+    from tera.text import TextCondition
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["diffusion.pooled_text=true", "diffusion.unet.block_out_channels=[8,16]",
+                             "diffusion.unet.norm_num_groups=4"])
+    null = TextCondition(torch.zeros(1, 6, 12), torch.tensor([[True, False, False, False, False, False]]))
+    model = StructuredLatentDiffusion(unet_config(cfg, 4, 8, 12), null_text=null)
+    assert model.pooled_text
+    model.set_latent_stats(torch.randn(4, 4, 8, 8))
+    states, mask = torch.randn(2, 6, 12), torch.tensor([[True] * 3 + [False] * 3] * 2)
+    model.training_loss(torch.randn(2, 4, 8, 8), TextCondition(states, mask), drop=torch.zeros(2, dtype=torch.bool)).backward()
+    assert model.unet.class_embedding.linear_1.weight.grad.abs().sum() > 0
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    padded = states.clone()
+    padded[:, 3:] = 100.0  # padding tokens: masked out of cross-attention and of the pooled mean
+    with torch.no_grad():
+        out = model.denoise(x, t, TextCondition(states, mask))
+        torch.testing.assert_close(model.denoise(x, t, TextCondition(padded, mask)), out)
+        other = model.denoise(x, t, TextCondition(states + 1.0, mask))
+    assert (other - out).abs().max() > 1e-4
+    loaded = StructuredLatentDiffusion.load(model.save(tmp_path / "m"))
+    assert loaded.pooled_text
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.denoise(x, t, TextCondition(states, mask)), out)
