@@ -229,3 +229,27 @@ def test_views_of_a_patterned_body_read_its_texture_patterns():
     assert np.mean(agree) >= 0.9 and np.mean(painted) >= 0.9, (agree, painted)
     with pytest.raises(InputError):
         scorer.read_views(rgb, dict(regions))
+
+
+def test_pattern_of_the_shirt_under_a_jacket():
+    """The open front is narrow (25 texels at 64, 177 at 128): at 128 texels the shirt's pattern under a
+    jacket reads as painted (measured 46 of 48 jacket outfits, the misses dots between texels)."""
+    from avatar_core.data.appearance import GARMENT_COLOURS
+
+    scorer = garment_scorer("anny", None, 128)
+    painter = _painter(128)
+    luma = {c: float(np.dot(v, (0.299, 0.587, 0.114))) for c, v in GARMENT_COLOURS.items()}
+    rng = np.random.default_rng(1)
+    hits, n = [], 0
+    while n < 16:
+        a = sample_attributes(rng)
+        if a["garments"][0]["type"] != "jacket":
+            continue
+        shirt, pattern = a["garments"][1], PATTERNS[n % 4]
+        shirt["pattern"] = pattern
+        shirt["pattern_colour"] = max(luma, key=lambda c: abs(luma[c] - luma[shirt["colour"]]))
+        shirt["pattern_scale"] = 1.0
+        tex, _ = painter.paint(a, np.random.default_rng(n))
+        hits.append(scorer.read(tex.permute(2, 0, 1)).get("inner_pattern") == pattern)
+        n += 1
+    assert np.mean(hits) >= 0.8, hits
