@@ -51,6 +51,7 @@ def test_parse_garments_reads_pattern_words():
     assert parse_garments("a red polka-dot dress and white shoes") == {
         "top_type": "dress", "top_colour": "red", "top_pattern": "dotted", "bottom_type": "dress",
         "shoes_colour": "white"}
+    assert parse_garments("a polka dot yellow skirt")["bottom_pattern"] == "dotted"
     # No pattern word asks for no pattern; "plain" / "solid" ask for a solid garment.
     assert "top_pattern" not in parse_garments("a red shirt and black trousers")
     assert parse_garments("a plain white shirt and black striped trousers") == {

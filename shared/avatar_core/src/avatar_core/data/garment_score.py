@@ -77,8 +77,8 @@ def _tokens(prompt: str) -> list[str]:
     out, i = [], 0
     while i < len(words):
         two = " ".join(words[i:i + 2])
-        if two in GARMENT_COLOURS:
-            out.append(two)
+        if two in GARMENT_COLOURS or two == "polka dot":
+            out.append(two.replace("polka dot", "polka-dot"))
             i += 2
         else:
             out.append(words[i])
