@@ -12,6 +12,7 @@ from avatar_core.errors import ConfigError
 from tera import pipeline as P
 from tera import scaling as S
 from tera.config import load_config
+from tera.teacher import TeacherFeatureStore
 
 MICRO = ["threads=1", "data.num=6", "data.max_avatars=4", "data.views=3", "data.res=32", "data.image_size=32",
          "data.uv_res=64", "data.eval_views=[1]", "body.num_points=800", "teacher.resolution=16", "teacher.steps=2",
@@ -41,11 +42,18 @@ def test_plan_nests_subsets_holds_out_the_rest_and_scales_steps(run):
     assert plan.training[2] == plan.training[4][:2] == everything[:2]  # nested: the first N avatars
     assert len(plan.heldout) == 2 and not set(plan.heldout) & set(plan.training[4])  # in no training subset
     assert set(plan.heldout) <= set(everything)  # dataset avatars: novel combinations of its attributes
+    store = TeacherFeatureStore(P.run_paths(run).teacher, run.teacher.channels)
+    assert all(store.exists(a) for a in plan.training[4]) and not any(store.exists(a) for a in plan.heldout)
+    # Fewer sizes on the same run: the same held-out avatars (after the run's data.max_avatars, unseen by the teacher).
+    fewer = load_config(None, MICRO + [f"run_dir={run.run_dir}", f"data.root={run.data.root}", "evaluate.data_sizes=[2]"])
+    assert S.plan_study(fewer).heldout == plan.heldout
 
 
 def test_plan_rejects_a_run_or_dataset_that_cannot_hold_the_study(run):
     with pytest.raises(ConfigError, match="max_avatars"):
         S.plan_study(load_config(None, MICRO + [f"data.root={run.data.root}", "data.max_avatars=2"]))
+    with pytest.raises(ConfigError, match="max_avatars"):  # 0: every avatar, none left to hold out
+        S.plan_study(load_config(None, MICRO + [f"data.root={run.data.root}", "data.max_avatars=0"]))
     with pytest.raises(ConfigError, match="needs 8 avatars"):
         S.plan_study(load_config(None, MICRO + [f"data.root={run.data.root}", "evaluate.heldout_avatars=4"]))
     with pytest.raises(ConfigError, match="increasing"):

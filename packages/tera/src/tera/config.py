@@ -310,9 +310,9 @@ class EvaluateConfig:
     """Render size of those views before CLIP's own resize (CLIP ViT-L/14 reads 224 x 224)."""
     data_sizes: list[int] = field(default_factory=list)
     """The data-scaling study (tera.scaling): training subset sizes, the first N avatars each, increasing, the last
-    equal to data.max_avatars (the run's teacher and decoder, fit on it, are shared); empty: not run."""
+    at most data.max_avatars (the run's teacher and decoder, fit on those, are shared); empty: not run."""
     heldout_avatars: int = 32
-    """Avatars after the largest subset whose long captions are the study's held-out prompts."""
+    """Avatars after the run's data.max_avatars whose long captions are the study's held-out prompts."""
     base_steps: int = 400
     """Stage-2 steps of the study at ``base_avatars`` avatars; a size of N trains base_steps x N / base_avatars."""
     base_avatars: int = 16

@@ -6,13 +6,14 @@ per size a stage-2 diffusion model trained on that subset, with its step budget 
 (``evaluate.base_steps x N / evaluate.base_avatars``, so every size sees its avatars as often); and one scorer
 (:mod:`avatar_core.data.garment_score` on the decoded UV colour map).
 
-Shared across sizes: the run's teacher features and its stage-1 decoder, both fit on the largest subset (the run's
-``data.max_avatars`` must be the largest size). Only stage 2 varies, so the table isolates what the diffusion model
-learns from more captioned avatars; the smaller sizes decode through a decoder that saw more avatars than they did.
+Shared across sizes: the run's teacher features and its stage-1 decoder, both fit on the run's first
+``data.max_avatars`` avatars, which must hold the largest subset (normally equal to it). Only stage 2 varies, so the
+table isolates what the diffusion model learns from more captioned avatars; the smaller sizes decode through a
+decoder that saw more avatars than they did.
 
-Held-out prompts are the long captions of ``evaluate.heldout_avatars`` dataset avatars after the largest subset:
-no training subset holds them, so they are new combinations of the dataset's attributes, written the way the
-training captions are. Rows per size:
+Held-out prompts are the long captions of the ``evaluate.heldout_avatars`` dataset avatars after the run's
+``data.max_avatars``: neither the teacher, the decoder nor any training subset saw them, so they are new
+combinations of the dataset's attributes, written the way the training captions are. Rows per size:
 
 * held-out prompts: avatars generated from the held-out captions, scored against them;
 * chance: the same avatars scored against a different held-out prompt's attributes (what matching by luck gives);
@@ -84,22 +85,22 @@ def plan_study(cfg: TeraConfig) -> StudyPlan:
                           f"heldout_avatars={e.heldout_avatars}: need base_steps, base_avatars >= 1 and at least "
                           "2 held-out avatars (the chance row scores against another one's prompt)",
                           "e.g. evaluate.base_steps=400 evaluate.base_avatars=16 evaluate.heldout_avatars=32")
-    largest = sizes[-1]
-    if cfg.data.max_avatars != largest:
-        raise ConfigError(f"the scaling study shares the run's teacher and stage-1 decoder, fit on the largest subset "
-                          f"({largest} avatars), but the run uses data.max_avatars={cfg.data.max_avatars}",
-                          f"train the run with data.max_avatars={largest}, or set evaluate.data_sizes to end at "
-                          f"{cfg.data.max_avatars}")
+    largest, fit = sizes[-1], int(cfg.data.max_avatars)
+    if fit < largest:
+        raise ConfigError(f"the scaling study shares the run's teacher and stage-1 decoder, fit on its first "
+                          f"data.max_avatars avatars, which must hold the largest subset ({largest}); the run uses "
+                          f"data.max_avatars={fit} (0: all, leaving none to hold out)",
+                          f"train the run with data.max_avatars={largest}, or end evaluate.data_sizes at {fit}")
     everything = load_dataset(_with(cfg, ["data.max_avatars=0"])).ids
-    need = largest + e.heldout_avatars
+    need = fit + e.heldout_avatars
     if len(everything) < need:
         d = cfg.data
-        raise ConfigError(f"the scaling study needs {need} avatars ({largest} to train on + evaluate.heldout_avatars="
+        raise ConfigError(f"the scaling study needs {need} avatars ({fit} for the run + evaluate.heldout_avatars="
                           f"{e.heldout_avatars} held out); {d.root} has {len(everything)}",
                           f"write a larger dataset (`avatar-core make-dataset --out DIR --num {need} --views {d.views} "
                           f"--res {d.res} --uv-res {d.uv_res}`, then data.root=DIR), or lower the sizes")
     return StudyPlan(sizes, {n: scaled_steps(cfg, n) for n in sizes}, {n: list(everything[:n]) for n in sizes},
-                     list(everything[largest:need]))
+                     list(everything[fit:need]))
 
 
 def size_folder(cfg: TeraConfig, n: int) -> Path:
@@ -217,6 +218,7 @@ def run_study(cfg: TeraConfig, decoder: DistillationDecoder, scorer: GarmentScor
         per_attribute = {"held_out_prompts": _per_attribute(held), "chance_other_held_out_prompt":
                          _per_attribute(chance), "training_captions": _per_attribute(train_rows)}
     return {"sizes": rows, "per_attribute_largest": per_attribute, "largest": plan.sizes[-1],
+            "shared_fit_avatars": int(cfg.data.max_avatars),
             "heldout_avatars": plan.heldout, "scorer_on_held_out_real_textures": _mean(heldout_gt),
             "training_avatars_from_their_latents": _mean(ceiling),
             "base_steps": cfg.evaluate.base_steps, "base_avatars": cfg.evaluate.base_avatars,
@@ -230,7 +232,8 @@ def format_scaling(study: dict[str, Any] | None) -> list[str]:
     rows = study["sizes"]
     lines = [f"## Text faithfulness vs training data (fraction of asked garment attributes found in the UV colour map; "
              f"{len(study['heldout_avatars'])} held-out avatars' captions; teacher and stage-1 decoder shared, fit on "
-             f"the largest subset ({study['largest']} avatars); stage-2 steps = {study['base_steps']} x N / "
+             f"the first {study.get('shared_fit_avatars', study['largest'])} avatars; stage-2 steps = "
+             f"{study['base_steps']} x N / "
              f"{study['base_avatars']})", "",
              "| training avatars | " + " | ".join(str(r["avatars"]) for r in rows) + " |",
              "|---|" + "---|" * len(rows)]
