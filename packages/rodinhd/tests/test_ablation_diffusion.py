@@ -115,7 +115,10 @@ def test_bad_condition_settings_are_refused():
 def _without(settings: dict, *keys: str) -> dict:
     base = {k: v for k, v in settings["base"].items() if k not in keys}
     unet = {k: v for k, v in base.pop("unet").items() if k not in keys}
-    return {**settings, "row": None, "label": None, "base": {**base, "unet": unet}}
+    out = {**settings, "row": None, "label": None, "base": {**base, "unet": unet}}
+    if "resolution" in keys:  # the triplanes the model learns are fitted at its resolution
+        out.pop("triplanes")
+    return out
 
 
 def test_rows_add_one_factor_each_as_the_paper_says():
@@ -127,6 +130,7 @@ def test_rows_add_one_factor_each_as_the_paper_says():
     assert s["A"]["base"]["resolution"] * 2 == s["B"]["base"]["resolution"] == cfg.base.resolution
     assert s["A"]["base"]["context_resolutions"] == [r // 2 for r in cfg.base.context_resolutions]
     assert _without(s["A"], *res_keys) == _without(s["B"], *res_keys)
+    assert [s[r]["triplanes"]["fitted_at"] for r in "AB"] == [cfg.base.resolution // 2, cfg.base.resolution]
     # B vs C: only the noise schedule, default (linear, Ho et al.) -> the paper's optimized one.
     assert s["B"]["base"]["schedule"] == "linear" and s["C"]["base"]["schedule"] == cfg.base.schedule
     assert _without(s["B"], "schedule") == _without(s["C"], "schedule")

@@ -16,15 +16,18 @@ E   + multi-scale cond.        ``base.resolution``         ``base.schedule``    
 Row A is B's network on planes of half the side: every resolution list of ``base`` (self- and cross-attention,
 3D-aware convolution, context resolutions) is halved with it, so the same levels see the same relative sizes.
 
-Each model samples one triplane per held-out portrait (avatars no model saw); the low-resolution sample is
-bilinearly upsampled plane by plane to the fitted triplanes' side (:func:`rodinhd.cascade.upsample_rollout`) and
-rendered through the run's frozen stage-1 decoder at the avatar's ground-truth cameras. The upsample model is not
-part of the ablation: it would need retraining per row, and the rows differ in the base model. Scores: PSNR, SSIM
-and a perceptual distance (LPIPS from ``evaluate.vgg_path`` / ``lpips_path``, else the kernel's random-feature
-stand-in, named in the results), plus how often a sample is closer (PSNR) to its own avatar's views than to any
-other held-out avatar's (``match``: the portrait's hold on the sample; chance is 1 / held-out avatars). FID is not
-computed: with a few dozen renders it is not a meaningful number. ``ceiling_psnr`` is the PSNR of the training
-avatars' fitted triplanes downsampled to the row's resolution and upsampled back: what the resolution alone allows.
+Each row's model is trained on the training avatars' triplanes *fitted* at its resolution (:func:`row_triplanes`:
+the run's frozen decoder, stage 2's settings, started from the stage-2 triplanes area-downsampled), as Rodin fits
+its triplanes at 256: the area-downsampled triplanes themselves are not ones the decoder renders (the body's thin
+dense layer averages away). Each model samples triplanes from held-out portraits (avatars no model saw), which the
+run's frozen stage-1 decoder renders at their side (it reads planes of any side) at the avatar's ground-truth
+cameras. The upsample model is not part of the ablation: it would need retraining per row, and the rows differ in
+the base model. Scores: PSNR, SSIM and a perceptual distance (LPIPS from ``evaluate.vgg_path`` /
+``lpips_path``, else the kernel's random-feature stand-in, named in the results), plus how often a sample is
+closer (PSNR) to its own avatar's views than to every other held-out avatar's (``match``: the portrait's hold on
+the sample; chance is 1 / held-out avatars). FID is not computed: with a few dozen renders it is not a meaningful
+number. ``ceiling_psnr`` is the PSNR of the training avatars' triplanes at the row's resolution: what the
+resolution alone allows.
 
 Layout: ``<dest>/seed<S>/<row>/train`` (the Trainer run: checkpoints, resumable) and ``result.json`` (a finished
 row is read back, never recomputed, when its settings match); ``<dest>/results.json`` and ``table.md``.
@@ -51,7 +54,7 @@ from avatar_core.metrics import psnr as psnr_fn
 from avatar_core.metrics import ssim as ssim_fn
 from avatar_core.perceptual import PerceptualLoss
 from avatar_core.train import TrainConfig, Trainer
-from rodinhd.cascade import BaseDiffusion, upsample_rollout
+from rodinhd.cascade import BaseDiffusion
 from rodinhd.conditioning import portrait_features, prepare_portrait
 from rodinhd.config import RodinHDConfig
 from rodinhd.data import AvatarViews, downsample_triplanes, open_data
@@ -64,7 +67,7 @@ from rodinhd.triplane import rollout, unroll
 log = logging.getLogger("rodinhd")
 
 __all__ = ["DIFFUSION_ROWS", "DiffusionRow", "ablate_diffusion", "format_diffusion_table", "row_config",
-           "row_settings"]
+           "row_settings", "row_triplanes"]
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,42 @@ def row_settings(cfg: RodinHDConfig, row: str) -> dict:
             "train": {"max_steps": int(cfg.ablation.diffusion.max_steps), "batch_size": int(t.batch_size),
                       "optimizer": t.optimizer, "lr": float(t.lr), "weight_decay": float(t.weight_decay),
                       "ema_decay": t.ema_decay, "max_grad_norm": t.max_grad_norm},
-            "conditioning": config_to_dict(cfg.conditioning), "triplane": config_to_dict(cfg.triplane)}
+            "conditioning": config_to_dict(cfg.conditioning), "triplane": config_to_dict(cfg.triplane),
+            "triplanes": ("stage 2" if int(b.resolution) == int(cfg.triplane.resolution) else
+                          {"fitted_at": int(b.resolution), "stage2": config_to_dict(cfg.stage2)})}
+
+
+def row_triplanes(cfg: RodinHDConfig, out: str | os.PathLike, dest: str | os.PathLike, resolution: int,
+                  ids: Sequence[str], data: AvatarViews, decoder: TriplaneDecoder, rank: int | None = None,
+                  world_size: int | None = None, progress: bool = False) -> Tensor:  # [N, 3, C, r, r]
+    """The training avatars' triplanes at ``resolution``: the run's stage-2 triplanes at their own side, else fitted
+    at that side with the run's frozen decoder by stage 2's settings, starting from the stage-2 triplanes
+    area-downsampled (``<dest>/fits/r<res>``, resumable per avatar; ``rank`` / ``world_size`` shard the fits).
+
+    Fitting rather than downsampling, as Rodin fits its triplanes at 256: an area-downsampled triplane is not one
+    the decoder renders (its thin dense structures average away; measured at the tiny scale: mean alpha 0.12 of the
+    32^2 fits, 0.04 at 16^2, 0.00 at 8^2)."""
+    from dataclasses import replace
+
+    from avatar_core.config import to_settings
+    from rodinhd.fitting import fit_triplanes
+    from rodinhd.models import triplane_kwargs
+    from rodinhd.triplane import TriplaneStore
+
+    full = stage2_store(cfg, out)
+    C, R = int(cfg.triplane.channels), int(cfg.triplane.resolution)
+    if int(resolution) == R:
+        return torch.stack([full.load(a) for a in ids])
+    root = Path(dest) / "fits" / f"r{int(resolution)}"
+    init = TriplaneStore(root / "init", C, int(resolution))
+    for a in ids:
+        if not init.exists(a):
+            init.save(a, downsample_triplanes(full.load(a)[None], int(resolution))[0])
+    store = TriplaneStore(root / "triplanes", C, int(resolution))
+    settings = replace(to_settings(cfg.stage2), init_from_stage1=True)
+    fit_triplanes(data.get_views, list(ids), decoder, store, init, settings, seed=int(cfg.seed), rank=rank,
+                  world_size=world_size, progress=progress, **triplane_kwargs(cfg))
+    return torch.stack([store.load(a) for a in ids])
 
 
 def _slug(row: str) -> str:
@@ -156,8 +194,10 @@ def _train_row(cfg: RodinHDConfig, settings: dict, planes: Tensor, feats: Sequen
     n = len(cfg.base.context_resolutions)
     torch.manual_seed(seed)
     model = build_base(cfg, channels)
-    low = downsample_triplanes(planes, int(cfg.base.resolution))  # [N, 3, C, r, r]
-    x = rollout(low)
+    if planes.shape[-1] != int(cfg.base.resolution):
+        raise InputError(f"triplanes of side {planes.shape[-1]} for a base model of {cfg.base.resolution}",
+                         "pass the row's triplanes (row_triplanes)")
+    x = rollout(planes)  # [N, C, r, 3r]
     model.normalizer.fit([x])
     steps = int(settings["train"]["max_steps"])
     loop = TrainConfig(output_dir=str(run_dir), max_steps=steps, seed=seed, mixed_precision="no",
@@ -186,12 +226,11 @@ def _on(bg: Tensor, rgba: Tensor) -> Tensor:  # [..., 4] straight alpha -> [...,
     return rgba[..., :3] * rgba[..., 3:] + bg * (1 - rgba[..., 3:])
 
 
-def _render(cfg: RodinHDConfig, rollout_low: Tensor, decoder: TriplaneDecoder, cams, num_samples: int,
-            bg: Tensor) -> Tensor:  # raw roll-out [C, r, 3r] -> rgb [V, H, W, 3]
-    """Render a (low-res) roll-out through the decoder after upsampling it to the fitted triplanes' side."""
-    up = upsample_rollout(rollout_low[None], int(cfg.triplane.resolution))[0]
+def _render(cfg: RodinHDConfig, roll: Tensor, decoder: TriplaneDecoder, cams, num_samples: int,
+            bg: Tensor) -> Tensor:  # raw roll-out [C, r, 3r] at any side r -> rgb [V, H, W, 3]
+    """Render a roll-out through the decoder (which reads planes of any side by bilinear sampling)."""
     r = cfg.render
-    rgb, _ = render_views(unroll(up), decoder, cams, cfg.triplane.bound, cfg.triplane.center, num_samples,
+    rgb, _ = render_views(unroll(roll), decoder, cams, cfg.triplane.bound, cfg.triplane.center, num_samples,
                           r.occupancy, r.grid_resolution, r.grid_updates, background=bg)
     return rgb
 
@@ -225,9 +264,9 @@ def _score_row(cfg: RodinHDConfig, model: BaseDiffusion, decoder: TriplaneDecode
 
 def _ceiling(cfg: RodinHDConfig, planes: Tensor, ids: Sequence[str], data: AvatarViews, decoder: TriplaneDecoder,
              device: torch.device) -> float:
-    """PSNR of training avatars' fitted triplanes at the row's base resolution (downsampled, upsampled back)."""
+    """PSNR of training avatars' triplanes at the row's base resolution (what the model is trained to produce)."""
     bg = torch.as_tensor(list(cfg.render.background), dtype=torch.float32, device=device)
-    low = rollout(downsample_triplanes(planes, int(cfg.base.resolution)))
+    low = rollout(planes)
     vals = []
     for j, a in enumerate(ids):
         images, cams = data.get_views(a)
@@ -270,8 +309,7 @@ def ablate_diffusion(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodin
         x = torch.cat([prepare_portrait(data.portrait(a), size) for a in avatar_ids]).to(device)
         return [f.cpu() for f in portrait_features(encoder, x)]
 
-    store = stage2_store(cfg, out)
-    planes = torch.stack([store.load(a) for a in ids])  # [N, 3, C, R, R]
+    planes: dict[int, Tensor] = {}
     train_feats = feats_of(ids)
     held = []
     for a in held_ids:
@@ -300,13 +338,15 @@ def ablate_diffusion(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodin
                     per_seed[r].append(res)
                     continue
             log.info("Tab. 4(b) row %s (%s), seed %d", r, DIFFUSION_ROWS[r].label, seed)
-            model = _train_row(rcfg, settings, planes, train_feats, channels, row_dir / "train", seed, device,
+            rr = int(rcfg.base.resolution)
+            if rr not in planes:
+                planes[rr] = row_triplanes(cfg, out, dest, rr, ids, data, decoder, progress=progress)
+            model = _train_row(rcfg, settings, planes[rr], train_feats, channels, row_dir / "train", seed, device,
                                progress)
             res = {"row": r, "label": DIFFUSION_ROWS[r].label, "seed": seed, "settings": settings,
                    "scoring": scoring, **_score_row(rcfg, model, decoder, held, perceptual, seed, device, progress)}
-            rr = int(rcfg.base.resolution)
             if rr not in ceilings:
-                ceilings[rr] = _ceiling(rcfg, planes[: len(ceil_ids)], ceil_ids, data, decoder, device)
+                ceilings[rr] = _ceiling(rcfg, planes[rr][: len(ceil_ids)], ceil_ids, data, decoder, device)
             res["ceiling_psnr"] = ceilings[rr]
             save_json(done, res)
             per_seed[r].append(res)
@@ -363,9 +403,9 @@ def format_diffusion_table(result: dict) -> str:
             f"{ceiling:.2f}" if ceiling is not None else "-"]) + " |")
     n = len(result.get("held_out", []))
     lines.append("")
-    lines.append(f"Base-model samples from {n} held-out portraits, upsampled to the fitted triplanes' side and rendered "
-                 f"by the frozen decoder; seeds {result.get('seeds')}. FID is not reported: it is not meaningful "
+    lines.append(f"Base-model samples from {n} held-out portraits, rendered at their side by the frozen decoder; "
+                 f"seeds {result.get('seeds')}. FID is not reported: it is not meaningful "
                  "with a few dozen renders. match: fraction of samples closer (PSNR) to their own avatar than to any "
-                 f"other held-out one (chance {1 / n if n else float('nan'):.2f}). ceiling PSNR: fitted triplanes "
-                 "at the row's resolution.")
+                 f"other held-out one (chance {1 / n if n else float('nan'):.2f}). ceiling PSNR: training "
+                 "avatars' triplanes fitted at the row's resolution.")
     return "\n".join(lines)
