@@ -133,3 +133,11 @@ def test_pooled_text_reaches_the_unet_and_survives_save_load(tmp_path):
     assert loaded.pooled_text
     with torch.no_grad():
         torch.testing.assert_close(loaded.denoise(x, t, TextCondition(states, mask)), out)
+
+
+def test_loo_ridge_r2_finds_linear_structure_and_none_in_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=g)
+    y = x @ torch.randn(5, 30, generator=g) + 0.1 * torch.randn(60, 30, generator=g)
+    assert S.loo_ridge_r2(x, y, lam=1e-3) > 0.95
+    assert S.loo_ridge_r2(x, torch.randn(60, 30, generator=g), lam=1e-3) < 0.0  # held-out items: nothing to predict

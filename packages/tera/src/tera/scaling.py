@@ -51,8 +51,9 @@ from tera.stage2 import load_model, train
 from tera.streaming import latent_set, teacher_latent_cache, write_latent_index
 from tera.uv_gaussians import ATTRIBUTE_SLICES
 
-__all__ = ["SIZE_RECORD", "StudyPlan", "format_scaling", "generated_colour_maps", "other_prompt", "plan_study",
-           "run_study", "scaled_steps", "score_prompts", "size_config", "size_folder", "train_size"]
+__all__ = ["SIZE_RECORD", "StudyPlan", "format_scaling", "generated_colour_maps", "loo_ridge_r2", "other_prompt",
+           "plan_study", "run_study", "scaled_steps", "score_prompts", "size_config", "size_folder",
+           "text_predictability", "train_size"]
 
 #: Per size, the settings it trained under and its timings (a finished size with matching settings is reused).
 SIZE_RECORD = "size.json"
@@ -170,6 +171,37 @@ def score_prompts(maps: Tensor, prompts: Sequence[str], scorer: GarmentScorer) -
     return [scorer.score(m, parse_garments(p)) for m, p in zip(maps, prompts)]
 
 
+def loo_ridge_r2(x: Tensor, y: Tensor, lam: float = 10.0) -> float:
+    """Leave-one-out R^2 of a ridge regression ``x [N, D] -> y [N, M]`` (with an intercept): the share of ``y``'s
+    variance across the N items that the other N - 1 predict from ``x`` (<= 0: none). Closed form through the hat
+    matrix, ``e_i / (1 - H_ii)``."""
+    x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    y = y.double().flatten(1)
+    hat = x @ torch.linalg.solve(x.T @ x + lam * torch.eye(x.shape[1], dtype=torch.float64), x.T)  # [N, N]
+    loo = (y - hat @ y) / (1 - hat.diagonal()).clamp_min(1e-9)[:, None]
+    n = len(y)
+    others_mean = (y.sum(0, keepdim=True) - y) / (n - 1)  # each item's baseline: the mean of the others
+    return float(1 - (loo ** 2).sum() / ((y - others_mean) ** 2).sum())
+
+
+def text_predictability(cfg: TeraConfig, ids: Sequence[str], captions: Sequence[str], latents: Sequence[Tensor],
+                        textures: Sequence[Tensor]) -> dict[str, float]:
+    """How much of the training latents (and, for scale, of the real UV textures pooled to the latent's size) the
+    caption predicts: :func:`loo_ridge_r2` from the caption's pooled text states. Stage 2 can only learn text ->
+    latent structure that exists; latents the caption does not predict leave it to memorise its avatars."""
+    from tera.stage2 import text_conditioner
+
+    text = text_conditioner(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        c = text(list(captions))
+    w = c.mask.float().unsqueeze(-1)
+    pooled = ((c.states.float() * w).sum(1) / w.sum(1).clamp_min(1.0)).cpu()  # [N, D]
+    r = latents[0].shape[-1]
+    tex = torch.stack([torch.nn.functional.adaptive_avg_pool2d(t[None].float(), r)[0] for t in textures])
+    return {"avatars": len(ids), "caption_to_latent_r2": loo_ridge_r2(pooled, torch.stack(latents)),
+            "caption_to_real_texture_r2": loo_ridge_r2(pooled, tex)}
+
+
 def _mean(rows: list[dict[str, float]]) -> float:
     vals = [v for r in rows for v in r.values()]
     return float(np.mean(vals)) if vals else float("nan")
@@ -198,6 +230,9 @@ def run_study(cfg: TeraConfig, decoder: DistillationDecoder, scorer: GarmentScor
     with torch.no_grad():
         ceiling = [scorer.score(decoder(latents.get(a)[None].to(device)).cpu()[0, ATTRIBUTE_SLICES["rgb"]],
                                 parse_garments(caption(a))) for a in ceiling_ids]
+    largest = plan.training[plan.sizes[-1]]
+    predictability = text_predictability(cfg, largest, [caption(a) for a in largest], [latents.get(a) for a in largest],
+                                         [ds_all.texture(index[a]).permute(2, 0, 1) for a in largest])
     from tqdm.auto import tqdm
 
     rows, per_attribute = [], {}
@@ -220,7 +255,7 @@ def run_study(cfg: TeraConfig, decoder: DistillationDecoder, scorer: GarmentScor
     return {"sizes": rows, "per_attribute_largest": per_attribute, "largest": plan.sizes[-1],
             "shared_fit_avatars": int(cfg.data.max_avatars),
             "heldout_avatars": plan.heldout, "scorer_on_held_out_real_textures": _mean(heldout_gt),
-            "training_avatars_from_their_latents": _mean(ceiling),
+            "training_avatars_from_their_latents": _mean(ceiling), "text_predictability": predictability,
             "base_steps": cfg.evaluate.base_steps, "base_avatars": cfg.evaluate.base_avatars,
             "sampler": sampling.get("sampler"), "guidance": sampling.get("guidance")}
 
@@ -247,6 +282,12 @@ def format_scaling(study: dict[str, Any] | None) -> list[str]:
               f"{study['scorer_on_held_out_real_textures']:.3f}; training avatars decoded from their own latents by "
               f"the shared decoder (the best stage 2 can reach) {study['training_avatars_from_their_latents']:.3f}. "
               f"Reused finished sizes: {[r['avatars'] for r in rows if r['reused']] or 'none'}."]
+    tp = study.get("text_predictability")
+    if tp:
+        lines += ["", f"What the caption predicts (leave-one-out R^2 of a ridge regression from the pooled caption states, "
+                  f"{tp['avatars']} training avatars): their latents {tp['caption_to_latent_r2']:.3f}, their real UV "
+                  f"textures at the latent's size {tp['caption_to_real_texture_r2']:.3f}. Stage 2 can learn only "
+                  "the text -> latent structure the teacher's features hold; without it, it memorises its avatars."]
     per = study.get("per_attribute_largest")
     if per:
         cols = list(per)
