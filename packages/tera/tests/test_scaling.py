@@ -141,3 +141,14 @@ def test_loo_ridge_r2_finds_linear_structure_and_none_in_noise():
     y = x @ torch.randn(5, 30, generator=g) + 0.1 * torch.randn(60, 30, generator=g)
     assert S.loo_ridge_r2(x, y, lam=1e-3) > 0.95
     assert S.loo_ridge_r2(x, torch.randn(60, 30, generator=g), lam=1e-3) < 0.0  # held-out items: nothing to predict
+
+
+def test_evaluation_prints_the_teachers_consistency(run):
+    from tera.evaluate import format_teacher_consistency
+    from tera.teacher import teacher_consistency
+
+    c = teacher_consistency(run)
+    lines = format_teacher_consistency(c)
+    row = next(x for x in lines if x.startswith("| fitted |"))
+    assert np.isfinite([float(v) for v in row.strip("|").split("|")[1:]]).all() and c["avatars"] == 4
+    assert "not measured" in format_teacher_consistency(None)[-1]

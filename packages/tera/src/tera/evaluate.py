@@ -28,10 +28,11 @@ from tera.scaling import format_scaling, plan_study, run_study
 from tera.shape_text import shape_table
 from tera.stage1 import distill
 from tera.stage2 import train
+from tera.teacher import teacher_consistency
 from tera.uv_gaussians import ATTRIBUTE_SLICES, resize_mask
 
 __all__ = ["CLIP_MEAN", "CLIP_NOT_COMPUTED", "CLIP_STD", "ClipScorer", "ablation_arms", "avatar_views", "clip_preprocess",
-           "evaluate", "format_clip", "format_report"]
+           "evaluate", "format_clip", "format_report", "format_teacher_consistency"]
 
 def _mean_score(rows: list[dict[str, float]]) -> float:
     vals = [v for r in rows for v in r.values()]
@@ -201,6 +202,10 @@ def evaluate(cfg: TeraConfig, out_dir: str | Path | None = None, ablation: bool 
         "sampler": e.sampler,
     }
 
+    # The teacher's features through its final decoder, first vs last fitted avatars (tera.teacher): the cap on
+    # every later stage. IDOL's features come without their decoder, so they are not measured.
+    report["teacher_consistency"] = teacher_consistency(cfg) if cfg.teacher.source == "fit" else None
+
     # Text faithfulness vs training data: stage 2 on nested subsets, held-out captions (tera.scaling).
     report["scaling"] = run_study(cfg, models.decoder, scorer, sampling, progress) if scaling else None
 
@@ -342,6 +347,21 @@ def _with(cfg: TeraConfig, overrides: list[str]) -> TeraConfig:
     return merge_overrides(copy.deepcopy(cfg), overrides)
 
 
+def format_teacher_consistency(c: dict[str, Any] | None) -> list[str]:
+    """The teacher-consistency section (:func:`tera.teacher.teacher_consistency`) as Markdown lines."""
+    head = "## Teacher consistency (PSNR in dB of every avatar's fitted features through the final teacher decoder)"
+    if not c:
+        return [head, "", "not measured (teacher.source is not 'fit': IDOL's features come without their decoder)"]
+    lines = [head, "", f"{c['avatars']} avatars, mode {c.get('mode', '-')}; first / last: the {c['quantile']} "
+             "avatars fitted first and last (a positive gap: the decoder drifted away from the early ones)", "",
+             "| views | mean | std | first | last | gap |", "|---|---|---|---|---|---|"]
+    for key, name in (("psnr", "fitted"), ("psnr_heldout", "held-out")):
+        if f"{key}_mean" in c:
+            lines.append(f"| {name} | " + " | ".join(f"{c[f'{key}_{s}']:.2f}" for s in ("mean", "std", "first", "last",
+                                                                                       "gap")) + " |")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The evaluation as Markdown tables."""
     lines = ["## Text faithfulness (fraction of asked garment attributes found in the UV colour map, avatar_core.data.garment_score)", "",
@@ -363,6 +383,7 @@ def format_report(report: dict[str, Any]) -> str:
     for p in tf["per_prompt"]:
         lines.append(f"| {p['prompt']} | {p['asked']} | {p['score']:.2f} | {p['combination_in_training_set']} |")
     lines += [""] + format_scaling(report.get("scaling"))
+    lines += [""] + format_teacher_consistency(report.get("teacher_consistency"))
     lines += [""] + format_clip(report.get("clip_score"))
     shape = report.get("shape")
     if shape:
