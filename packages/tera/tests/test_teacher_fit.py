@@ -200,3 +200,35 @@ def test_latent_pooling_ignores_texels_outside_the_charts():
     assert torch.count_nonzero(z[:, 0, 1]) == 0 and torch.count_nonzero(z[:, 1, 0]) == 0
     dense = torch.rand(1, 2, 4, 4) + 0.1
     torch.testing.assert_close(features_to_latent(dense, 2), torch.nn.functional.avg_pool2d(dense, 2))
+
+
+def test_coarse_feature_levels(scene, tmp_path):
+    """Feature levels: one free parameter per level and avatar, at the level's resolution, resumable; the written
+    features still vanish outside the charts; a level finer than the features is refused."""
+    avatar, views = scene
+    from avatar_core.errors import InputError
+
+    with pytest.raises(InputError, match="levels"):
+        _fitter(avatar, tmp_path / "bad", levels=[2 * R])
+    fitter = _fitter(avatar, tmp_path, levels=[R // 2, R])
+    calls = {"n": 0}
+    real = fitter.batch_loss
+
+    def stop_after_phase_one(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # 2 epochs of one batch, then the refit's first step
+            raise _Interrupt
+        return real(*a, **k)
+
+    fitter.batch_loss = stop_after_phase_one
+    with pytest.raises(_Interrupt):
+        fitter.fit_joint(["a0", "a1"], views.__getitem__, epochs=2, batch_avatars=2, refit_steps=1, progress=False)
+    state = torch.load(tmp_path / FIT_STATE_FILE, weights_only=True)
+    assert [tuple(p.shape) for p in state["params"]] == [(2, C, R // 2, R // 2), (2, C, R, R)]
+    assert state["levels"] == [R // 2, R]
+    _fitter(avatar, tmp_path, levels=[R // 2, R]).fit_joint(["a0", "a1"], views.__getitem__, epochs=2,
+                                                             batch_avatars=2, refit_steps=1, progress=False)
+    mask = feature_mask(avatar, R)
+    for a in ("a0", "a1"):
+        f = TeacherFeatureStore(tmp_path, C).load(a)
+        assert torch.count_nonzero(f[:, ~mask]) == 0 and torch.count_nonzero(f[:, mask]) > 0
