@@ -188,6 +188,7 @@ def test_micro_ablate_diffusion_prints_five_rows_and_resumes_finished_ones(tmp_p
     result = json.loads((dest / "results.json").read_text())
     assert [r["row"] for r in result["rows"]] == list("ABCDE")
     assert all(0 <= r["match"] <= 1 and r["psnr"] > 0 for r in result["rows"])
+    assert all(r["x0_mse"] > 0 and abs(r["portrait_gain"]) < float("inf") for r in result["rows"])
     assert result["rows"][4]["settings"]["base"]["condition"] == "multi_scale"
 
     # A finished row is read back, not retrained; a row whose result is gone is redone alone.

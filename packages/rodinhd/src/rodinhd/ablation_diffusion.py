@@ -159,8 +159,8 @@ def row_triplanes(cfg: RodinHDConfig, out: str | os.PathLike, dest: str | os.Pat
         return torch.stack([full.load(a) for a in ids])
     root = Path(dest) / "fits" / f"r{int(resolution)}"
     init = TriplaneStore(root / "init", C, int(resolution))
-    for a in ids:
-        if not init.exists(a):
+    for a in ids:  # an avatar without a stage-2 triplane (a held-out one) starts from noise
+        if not init.exists(a) and full.exists(a):
             init.save(a, downsample_triplanes(full.load(a)[None], int(resolution))[0])
     store = TriplaneStore(root / "triplanes", C, int(resolution))
     settings = replace(to_settings(cfg.stage2), init_from_stage1=True)
@@ -262,6 +262,41 @@ def _score_row(cfg: RodinHDConfig, model: BaseDiffusion, decoder: TriplaneDecode
     return {"per_sample": per, **{k: sum(p[k] for p in per) / len(per) for k in keys}}
 
 
+#: Noise levels (alpha_bar) of the held-out denoising error: logSNR +2.2, 0, -2.2, the same for every schedule.
+DENOISE_LEVELS = (0.9, 0.5, 0.1)
+
+
+@torch.no_grad()
+def heldout_denoising(model: BaseDiffusion, planes: Tensor, features: Sequence[Tensor], seed: int = 0,
+                      levels: Sequence[float] = DENOISE_LEVELS) -> dict:
+    """The model's x0 error on held-out triplanes (fitted at its resolution) at matched noise levels.
+
+    For each ``alpha_bar`` level the step of the model's own schedule closest to it is used, so rows with different
+    schedules are asked the same question; x_t = sqrt(ab) x0 + sqrt(1 - ab) eps with one seeded eps, x0 predicted
+    from the model's eps, error = mean squared difference in the normalised units. ``cond`` reads the held-out
+    portraits' features, ``null`` the null condition; ``null - cond`` is what the portrait tells the model about an
+    avatar it never saw (0: nothing). Returns ``{"cond": [per level], "null": [...], "levels", "gain"}``.
+    """
+    x0 = model.normalizer.normalize(rollout(planes))
+    ac = model.alphas_cumprod.to(torch.float64).cpu()
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(x0.shape, generator=g).to(x0)
+    null = model.tokenizer.null_features(x0.shape[0], x0.device)
+    out = {"levels": [float(v) for v in levels], "cond": [], "null": [], "steps": []}
+    for ab in levels:
+        t = int((ac - ab).abs().argmin())
+        a = float(ac[t])
+        x_t = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+        tt = torch.full((x0.shape[0],), t, device=x0.device)
+        for key, feats in (("cond", features), ("null", null)):
+            e = model.unet(x_t, tt, model.context(list(feats)))[:, : x0.shape[1]]
+            x0_pred = (x_t - (1 - a) ** 0.5 * e) / a ** 0.5
+            out[key].append(float(((model.normalizer.clip(x0_pred) - x0) ** 2).mean()))
+        out["steps"].append(t)
+    out["gain"] = [n - c for n, c in zip(out["null"], out["cond"])]
+    return out
+
+
 def _ceiling(cfg: RodinHDConfig, planes: Tensor, ids: Sequence[str], data: AvatarViews, decoder: TriplaneDecoder,
              device: torch.device) -> float:
     """PSNR of training avatars' triplanes at the row's base resolution (what the model is trained to produce)."""
@@ -310,6 +345,7 @@ def ablate_diffusion(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodin
         return [f.cpu() for f in portrait_features(encoder, x)]
 
     planes: dict[int, Tensor] = {}
+    held_planes: dict[int, Tensor] = {}
     train_feats = feats_of(ids)
     held = []
     for a in held_ids:
@@ -328,7 +364,7 @@ def ablate_diffusion(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodin
             scoring = {"held_out": list(held_ids), "samples_per_portrait": int(d.samples_per_portrait),
                        "sample_steps": int(d.sample_steps) or int(cfg.base.sample_steps),
                        "eval_num_samples": int(d.eval_num_samples), "guidance_scale": float(cfg.base.guidance_scale),
-                       "perceptual": pdesc}
+                       "perceptual": pdesc, "denoise_levels": list(DENOISE_LEVELS)}
             row_dir = dest / f"seed{seed}" / _slug(r)
             done = row_dir / "result.json"
             if done.is_file():
@@ -341,10 +377,16 @@ def ablate_diffusion(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodin
             rr = int(rcfg.base.resolution)
             if rr not in planes:
                 planes[rr] = row_triplanes(cfg, out, dest, rr, ids, data, decoder, progress=progress)
+                held_planes[rr] = row_triplanes(cfg, out, dest, rr, held_ids, data, decoder, progress=progress)
             model = _train_row(rcfg, settings, planes[rr], train_feats, channels, row_dir / "train", seed, device,
                                progress)
             res = {"row": r, "label": DIFFUSION_ROWS[r].label, "seed": seed, "settings": settings,
                    "scoring": scoring, **_score_row(rcfg, model, decoder, held, perceptual, seed, device, progress)}
+            held_feats = [torch.cat([h["features"][k] for h in held]).to(device) for k in range(len(held[0]["features"]))]
+            den = heldout_denoising(model, held_planes[rr].to(device), held_feats[: len(rcfg.base.context_resolutions)],
+                                    seed)
+            res.update(denoise=den, x0_mse=sum(den["cond"]) / len(den["cond"]),
+                       portrait_gain=sum(den["gain"]) / len(den["gain"]))
             if rr not in ceilings:
                 ceilings[rr] = _ceiling(rcfg, planes[rr][: len(ceil_ids)], ceil_ids, data, decoder, device)
             res["ceiling_psnr"] = ceilings[rr]
@@ -355,7 +397,7 @@ def ablate_diffusion(cfg: RodinHDConfig, out: str | os.PathLike = "outputs/rodin
         runs = per_seed[r]
         entry = {"row": r, "label": DIFFUSION_ROWS[r].label, "settings": runs[0]["settings"],
                  "seeds": [x["seed"] for x in runs], "ceiling_psnr": runs[0].get("ceiling_psnr")}
-        for k in ("psnr", "ssim", "perceptual", "match"):
+        for k in ("psnr", "ssim", "perceptual", "match", "x0_mse", "portrait_gain"):
             vals = [float(x[k]) for x in runs]
             m = sum(vals) / len(vals)
             entry[k] = m
@@ -392,7 +434,7 @@ def format_diffusion_table(result: dict) -> str:
         return f"{s} ± {format(r[f'{k}_spread'], fmt)}" if several else s
 
     head = ["Model configuration", "res.", "schedule", "condition", "PSNR ↑", "SSIM ↑", f"{pname} ↓",
-            "match ↑", "ceiling PSNR"]
+            "match ↑", "ceiling PSNR", "held-out x0 MSE ↓", "portrait gain ↑"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in result["rows"]:
         b = r["settings"]["base"]
@@ -400,12 +442,16 @@ def format_diffusion_table(result: dict) -> str:
         lines.append("| " + " | ".join([
             r["label"], str(b["resolution"]), str(b["schedule"]), str(b["condition"]), cell(r, "psnr", ".2f"),
             cell(r, "ssim", ".3f"), cell(r, "perceptual", ".3f"), cell(r, "match", ".2f"),
-            f"{ceiling:.2f}" if ceiling is not None else "-"]) + " |")
+            f"{ceiling:.2f}" if ceiling is not None else "-", cell(r, "x0_mse", ".4f"),
+            cell(r, "portrait_gain", ".4f")]) + " |")
     n = len(result.get("held_out", []))
     lines.append("")
     lines.append(f"Base-model samples from {n} held-out portraits, rendered at their side by the frozen decoder; "
                  f"seeds {result.get('seeds')}. FID is not reported: it is not meaningful "
                  "with a few dozen renders. match: fraction of samples closer (PSNR) to their own avatar than to any "
                  f"other held-out one (chance {1 / n if n else float('nan'):.2f}). ceiling PSNR: training "
-                 "avatars' triplanes fitted at the row's resolution.")
+                 "avatars' triplanes fitted at the row's resolution. held-out x0 MSE: the model's x0 error on the "
+                 "held-out avatars' triplanes (fitted at its resolution) at alpha_bar 0.9 / 0.5 / 0.1 of its own "
+                 "schedule, normalised units; portrait gain: that error with the null condition minus with the "
+                 "portrait.")
     return "\n".join(lines)
