@@ -704,7 +704,7 @@ def measure_consistency(cfg: TeraConfig, ds: TeraDataset, store: TeacherFeatureS
     """How well every avatar's stored features reproduce its views through the FINAL decoder (inference mode),
     in fit order (the dataset's order): PSNR (dB) on the fitted views and on the held-out ``data.eval_views``, the
     mean over the first and the last ``quantile`` of the avatars and their gap (``first - last``). A teacher whose
-    decoder drifted while it fitted avatars one after another decodes its early avatars worse (a positive gap);
+    decoder drifted while it fitted avatars one after another decodes its early avatars worse (a negative gap);
     one whose features all mean the same through the final decoder has a gap near zero. Written to
     ``<teacher>/consistency.json``."""
     from avatar_core.metrics import psnr
