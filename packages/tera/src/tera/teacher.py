@@ -5,13 +5,17 @@ On-disk layout (one file per avatar, in one folder)::
     FEATURES_DIR/
         <avatar_id>.safetensors   key "uv_features": [32, H, W], float16 / bfloat16 / float32
         <avatar_id>.npy           or a NumPy array [32, H, W] of the same meaning
-        decoder.safetensors       (fitted teacher only) its UV decoder, for resuming
+        decoder.safetensors       (fitted teacher only) its UV decoder (the final one once the joint fit's
+                                  first phase is done)
+        fit_state.pt              (joint fit, while it runs) features, Adam moments, decoder + optimizer, epoch
+        consistency.json          (fitted teacher) every avatar's PSNR through the final decoder
 
 IDOL (Zhuang et al. 2025, github.com/yiyuzhuang/IDOL @ 69b6df7) writes 32 x 1536 x 1536 tanh-bounded UV features from its Sapiens encoder; export them
 per avatar under the avatar's id in this layout. Rows follow the kernel's UV convention (row 0 is v = 1, the top
 of the UV image). Without IDOL, :class:`TeacherFitter` produces the same layout by auto-decoding: per-avatar UV
 feature maps optimised jointly with an IDOL-style UV decoder (:class:`tera.uv_gaussians.UVDecoder`) to reproduce
-the avatar's multi-view renders with IDOL's losses (lambda_mse 20, lambda_lpips 10, lambda_offset 1). The
+the avatar's multi-view renders with IDOL's losses (lambda_mse 20, lambda_lpips 10, lambda_offset 1; the
+joint schedule of :meth:`TeacherFitter.fit_joint`, then a refit against the frozen decoder). The
 dataset's views show each avatar in its own shape and pose, so each fit takes that avatar's posed body: the
 canonical Gaussians are skinned onto it before rendering. :func:`fit_teacher` is the ``tera fit-teacher`` stage.
 """
