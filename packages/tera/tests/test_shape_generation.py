@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +129,21 @@ def test_shape_table_measures_the_generated_avatars(run):
     assert float(rows[TALL_HEAVY]["avatar"]["height_m"]) > float(rows[SHORT_SLIM]["avatar"]["height_m"]) + 0.1
     assert set(table) == {"per_prompt", "head", "mean_shape", "avatar"}
     assert table["avatar"]["build"] == 1.0 and table["mean_shape"]["build"] == 0.0
+
+
+def test_the_viewer_animator_poses_an_avatar_on_its_stored_body(run, tmp_path):
+    from types import SimpleNamespace
+
+    from tera.view import AvatarAnimator
+
+    cfg, models, gens, _ = run
+    folder = SimpleNamespace(path=Path(gens[TALL_HEAVY]["files"]["avatar"]).parent)
+    animator = AvatarAnimator(lambda: cfg)
+    assert "walk" in animator.motions
+    assert animator.can_animate(folder) and not animator.can_animate(SimpleNamespace(path=tmp_path))
+    frames = animator(folder, "walk")
+    assert len(frames) == cfg.animate.frames
+    latent, _ = load_avatar(folder.path / "avatar.safetensors", models)
+    _, on_template = decode(models, latent)
+    for f in frames:  # every frame on the tall stored body, not the template
+        assert gaussian_height(torch.as_tensor(f.centers)) > gaussian_height(on_template.means[0]) + 0.05

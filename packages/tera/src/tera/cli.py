@@ -90,33 +90,10 @@ def _evaluate(args):
     print(pipeline.format_report(report))
 
 
-class _Poser:
-    """``tera view``'s animator: a generated avatar (its ``avatar.safetensors``) decoded and posed by a built-in
-    motion with the run's models (Sec. 3.1), loaded once, on the first request."""
+def _view_animator(args: argparse.Namespace) -> dict:
+    from tera.view import AvatarAnimator
 
-    def __init__(self, args: argparse.Namespace):
-        from tera.animate import MOTIONS
-
-        self.args, self.motions, self._models = args, tuple(MOTIONS), None
-
-    def can_animate(self, result) -> bool:
-        return (result.path / "avatar.safetensors").is_file()
-
-    def __call__(self, result, motion: str):
-        from avatar_core.view import splats_from_tensors
-        from tera import animate as anim
-        from tera.avatars import decode, load_avatar, load_models, stored_shape
-
-        cfg = _config(self.args)
-        self._models = self._models or load_models(cfg, with_diffusion=False)
-        m = self._models
-        latent, meta = load_avatar(result.path, m)
-        shape = stored_shape(meta)
-        _, g = decode(m, latent, shape)
-        f = anim.animate(m.avatar, g, anim.builtin_motion(m.avatar.body, motion, cfg.animate.frames).to(m.device),
-                         shape=None if shape is None else shape.to(m.device))
-        return [splats_from_tensors(f.means[t], f.quats[t], f.scales[t], f.opacities[t], f.colors[t])
-                for t in range(len(f))]
+    return {"animator": AvatarAnimator(lambda: _config(args))}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in commands:  # after each command's own positionals: the overrides take what is left
         add_config_arguments(p)
     p = add_view_command(sub, default_path="outputs/tera", what="TeRA avatars (posed by the built-in motions), edits "
-                         "(before / after), exported frames, training curves", configure=lambda a: {"animator": _Poser(a)})
+                         "(before / after), exported frames, training curves", configure=_view_animator)
     add_config_arguments(p)
     return parser
 
