@@ -9,15 +9,11 @@ paper's text: each adds one factor to the row above.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from avatar_core.cameras import Cameras, look_at, orbit_cameras
-from avatar_core.data.generate import FORMAT
 from avatar_core.errors import ConfigError
-from avatar_core.io import save_image, save_json
 from rodinhd import ablation_diffusion, pipeline
 from rodinhd.ablation_diffusion import (
     DIFFUSION_ROWS,
@@ -29,9 +25,7 @@ from rodinhd.ablation_diffusion import (
 from rodinhd.cli import main as cli_main
 from rodinhd.conditioning import CONDITION_MODES, PortraitTokenizer
 from rodinhd.config import load_rodinhd_config
-from rodinhd.decoder import TriplaneDecoder
 from rodinhd.demo import SMALLEST_OVERRIDES
-from rodinhd.renderer import render_views
 from rodinhd.unet import TriplaneUNet
 
 P = 32  # portrait side: features at 16, 8, 4 with (8, 16, 32) channels
@@ -142,40 +136,16 @@ def test_rows_add_one_factor_each_as_the_paper_says():
     assert len({json.dumps(v["train"]) for v in s.values()}) == 1  # the same budget for every row
 
 
-def _write_dataset(root: Path, num: int = 5, res: int = 32, views: int = 4) -> None:
-    """``num`` avatars in the kernel's dataset layout: RGBA views and a front portrait of random triplanes."""
-    torch.manual_seed(0)
-    decoder = TriplaneDecoder(4, hidden_dim=16, density_bias=-1.0)
-    cams = orbit_cameras(views, 2.8, 0.0, 40.0, res, res)
-    pcam = Cameras.from_fov(look_at(torch.tensor([[0.0, 0.3, 1.5]]), torch.tensor([[0.0, 0.3, 0.0]])), 40.0, res, res)
-    save_json(root / "meta.json", {"format": FORMAT, "settings": {"num": num, "views": views, "res": res, "seed": 0,
-                                                                   "body": "anny", "uv_res": 64}})
-    for i in range(num):
-        d = root / "avatars" / f"{i:06d}"
-        (d / "views").mkdir(parents=True)
-        with torch.no_grad():
-            rgb, alpha = render_views(torch.randn(3, 4, 8, 8) * 0.8, decoder, Cameras.cat([cams, pcam]),
-                                      num_samples=24, occupancy=False)
-        rgba = torch.cat([torch.where(alpha > 1e-3, rgb / alpha.clamp_min(1e-3), rgb).clamp(0, 1), alpha], -1)
-        for v in range(views):
-            save_image(d / "views" / f"{v:03d}.png", rgba[v])
-        save_image(d / "portrait.png", rgba[-1])
-        frame = lambda c, f: {"file": f, "viewmat": c.viewmats[0].tolist(), "K": c.Ks[0].tolist()}  # noqa: E731
-        save_json(d / "cameras.json", {"width": res, "height": res,
-                                       "views": [frame(cams[v], f"views/{v:03d}.png") for v in range(views)],
-                                       "portrait": frame(pcam, "portrait.png")})
-        save_json(d / "attributes.json", {"index": i})
-
-
 MICRO = [*SMALLEST_OVERRIDES, "data.num_avatars=5", "data.held_out=2", "stage1.num_avatars=2",
          "conditioning.portrait_size=32", "ablation.diffusion.max_steps=2", "ablation.diffusion.sample_steps=2",
          "ablation.diffusion.eval_num_samples=12", "base.train.progress_bar=false", "base.train.checkpoint_every=1",
          "render.occupancy=false"]
 
 
-def test_micro_ablate_diffusion_prints_five_rows_and_resumes_finished_ones(tmp_path, capsys, monkeypatch):
+def test_micro_ablate_diffusion_prints_five_rows_and_resumes_finished_ones(tmp_path, capsys, monkeypatch,
+                                                                          triplane_dataset):
     out = tmp_path / "run"
-    _write_dataset(out / "data")
+    triplane_dataset(out / "data", 5, 32, 4, num_samples=24)
     cfg = load_rodinhd_config("tiny", MICRO)
     pipeline.fit_shared_stage(cfg, out, progress=False)
     pipeline.fit_stage(cfg, out, progress=False)

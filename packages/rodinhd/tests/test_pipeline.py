@@ -15,17 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from avatar_core.cameras import Cameras, look_at, orbit_cameras
-from avatar_core.data.generate import FORMAT
+from avatar_core.cameras import orbit_cameras
 from avatar_core.errors import ConfigError, CorruptFileError, InputError, MissingFileError
-from avatar_core.io import load_image, load_tensors, save_image, save_json
+from avatar_core.io import load_image, load_tensors
 from rodinhd import pipeline
 from rodinhd.cli import main as cli_main
 from rodinhd.config import load_rodinhd_config
 from rodinhd.data import AvatarViews
-from rodinhd.decoder import TriplaneDecoder
 from rodinhd.demo import SMALLEST_OVERRIDES
-from rodinhd.renderer import render_views
 
 RES, VIEWS, NUM = 32, 6, 4
 
@@ -38,38 +35,11 @@ MICRO = [
 ]
 
 
-def _write_dataset(root: Path) -> None:
-    """NUM avatars in the kernel's dataset layout: RGBA views of a random triplane + a front RGBA portrait."""
-    torch.manual_seed(0)
-    decoder = TriplaneDecoder(4, hidden_dim=16, density_bias=-1.0)
-    cams = orbit_cameras(VIEWS, 2.8, 0.0, 40.0, RES, RES)
-    portrait_cam = Cameras.from_fov(look_at(torch.tensor([[0.0, 0.3, 1.5]]), torch.tensor([[0.0, 0.3, 0.0]])),
-                                    40.0, RES, RES)
-    settings = {"num": NUM, "views": VIEWS, "res": RES, "seed": 0, "body": "anny", "uv_res": 64}
-    save_json(root / "meta.json", {"format": FORMAT, "settings": settings})
-    for i in range(NUM):
-        d = root / "avatars" / f"{i:06d}"
-        (d / "views").mkdir(parents=True)
-        planes = torch.randn(3, 4, 8, 8) * 0.8
-        with torch.no_grad():
-            rgb, alpha = render_views(planes, decoder, Cameras.cat([cams, portrait_cam]), num_samples=32,
-                                      occupancy=False)
-        rgba = torch.cat([torch.where(alpha > 1e-3, rgb / alpha.clamp_min(1e-3), rgb).clamp(0, 1), alpha], -1)
-        for v in range(VIEWS):
-            save_image(d / "views" / f"{v:03d}.png", rgba[v])
-        save_image(d / "portrait.png", rgba[-1])
-        frame = lambda c, f: {"file": f, "viewmat": c.viewmats[0].tolist(), "K": c.Ks[0].tolist()}  # noqa: E731
-        save_json(d / "cameras.json", {"width": RES, "height": RES,
-                                       "views": [frame(cams[v], f"views/{v:03d}.png") for v in range(VIEWS)],
-                                       "portrait": frame(portrait_cam, "portrait.png")})
-        save_json(d / "attributes.json", {"index": i})
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, triplane_dataset):
     """One micro run through every stage; later tests reuse its folder."""
     out = tmp_path_factory.mktemp("rodinhd_run")
-    _write_dataset(out / "data")
+    triplane_dataset(out / "data", NUM, RES, VIEWS)
     cfg = load_rodinhd_config("tiny", MICRO)
     pipeline.fit_shared_stage(cfg, out, progress=False)
     pipeline.fit_stage(cfg, out, progress=False)

@@ -35,9 +35,9 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, triplane_dataset):
     out = tmp_path_factory.mktemp("rodinhd_safety")
-    _e2e._write_dataset(out / "data")
+    triplane_dataset(out / "data", _e2e.NUM, _e2e.RES, _e2e.VIEWS)
     cfg = load_rodinhd_config("tiny", MICRO)
     pipeline.fit_shared_stage(cfg, out, progress=False)
     pipeline.fit_stage(cfg, out, progress=False)
