@@ -20,6 +20,7 @@ from avatar_core.data.captions import make_captions
 from avatar_core.data.poses import A_POSE_ARM_DEG, build_pose
 from avatar_core.errors import ConfigError, InputError, MissingFileError
 from avatar_core.io import load_image, load_tensors
+from avatar_core.render.lighting import DATASET_LIGHTING
 from avatar_core.render.mesh import rasterize_mesh
 
 TINY = dict(num=3, views=4, res=64, seed=7, uv_res=128, progress=False)
@@ -164,7 +165,9 @@ def test_existing_folder_rules(dataset, tmp_path):
     assert (stranger / "notes.txt").read_text() == "mine"
     out = generate_dataset(tmp_path / "o", **{**TINY, "num": 1})
     generate_dataset(out, **{**TINY, "num": 1, "views": 2, "overwrite": True})
-    assert json.loads((out / "meta.json").read_text())["settings"]["views"] == 2
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["settings"]["views"] == 2
+    assert meta["lighting"] == DATASET_LIGHTING  # how every view is lit (avatar_core.render.lighting)
     assert len(list((out / "avatars" / "000000" / "views").iterdir())) == 2
 
 

@@ -51,6 +51,7 @@ from avatar_core.data.poses import build_pose, sample_pose_params
 from avatar_core.errors import ConfigError, InputError
 from avatar_core.io import image_grid, load_image, save_image, save_json, save_tensors
 from avatar_core.io.tensors import fsync_dir
+from avatar_core.render.lighting import DATASET_LIGHTING, camera_lights, shade
 from avatar_core.results import check_writable
 from avatar_core.train.lock import pid_alive
 
@@ -93,11 +94,12 @@ def render_textured(
     uv_corners: Tensor,  # [F, 3, 2] per-corner UVs (v = 0 at the bottom)
     texture: Tensor,  # [R, R, 3] in [0, 1], row 0 = top (v = 1)
     cameras: Cameras,
-    ambient: float = 0.4,
+    ambient: float = DATASET_LIGHTING["ambient"],
     chunk: int = 48,
     timer: Timer | None = None,
 ) -> Tensor:  # [C, H, W, 4]
-    """RGBA renders: bilinear texture lookup times Lambert shading from a light above-right of each camera."""
+    """RGBA renders: bilinear texture lookup times Lambert shading from a light above-right of each camera
+    (:mod:`avatar_core.render.lighting`)."""
     from avatar_core.render.mesh import interpolate, rasterize_mesh
 
     timer = timer or Timer()
@@ -117,16 +119,12 @@ def render_textured(
             grid = torch.stack([uv[:, 0] * 2 - 1, 1 - uv[:, 1] * 2], -1)  # [N, 2] grid_sample coordinates
             colour = torch.nn.functional.grid_sample(tex, grid[None, :, None], mode="bilinear",
                                                      padding_mode="border", align_corners=False)[0, :, :, 0].T
-            R = cams.viewmats[:, :3, :3]  # rows: camera right, down, forward in world
-            light = torch.nn.functional.normalize(-R[:, 2] - 0.6 * R[:, 1] + 0.3 * R[:, 0], dim=-1)  # [C, 3]
-            view = -R[:, 2]
             cam_of_pix = torch.arange(len(cams))[:, None, None].expand_as(mask)[mask]
-            # Two-sided: a normal facing away from the camera (inner mouth, eyelids) is flipped towards it.
-            nn = torch.where(((nn * view[cam_of_pix]).sum(-1, keepdim=True) < 0), -nn, nn)
-            lam = (nn * light[cam_of_pix]).sum(-1).clamp_min(0.0)
-            shade = ambient + (1 - ambient) * lam
+            # Each pixel's normal lit by its own camera's light (avatar_core.render.lighting), two-sided.
+            light, forward = camera_lights(cams.viewmats), cams.viewmats[:, 2, :3]
+            lit = shade(nn, forward[cam_of_pix], light[cam_of_pix], ambient)
             rgba = torch.zeros(*mask.shape, 4)
-            rgba[mask] = torch.cat([(colour * shade[:, None]).clamp(0, 1), torch.ones_like(shade)[:, None]], -1)
+            rgba[mask] = torch.cat([(colour * lit[:, None]).clamp(0, 1), torch.ones_like(lit)[:, None]], -1)
         out.append(rgba)
     return torch.cat(out)
 
@@ -442,6 +440,7 @@ def _write_meta(root: Path, settings: dict[str, Any], gen: AvatarGenerator) -> N
                   "cameras": "cameras.json", "body": "body.safetensors", "texture": "texture.png",
                   "segments": "segments.png", "attributes": "attributes.json"},
         "portrait": "front camera, top of the head to ~30 cm below the neck keypoint (upper body)",
+        "lighting": dict(DATASET_LIGHTING),  # every view is lit this way (avatar_core.render.lighting)
     }
     save_json(meta_path, meta)
     parts = gen.painter.mapper.part_label_map()
