@@ -64,7 +64,7 @@ train-tera: setup
 # avatars, teacher and stage-1 decoder on the first 256, stage 2 at 16 / 64 / 256 avatars with steps scaled to the
 # data, scored on the captions of the last 64 (about 50 minutes on 2 cores; resumes where it stopped).
 TERA_STUDY = run_dir=outputs/tera/study data.root=outputs/tera/study-dataset data.num=320 data.max_avatars=256 \
-	'evaluate.data_sizes=[16,64,256]' teacher.batch_avatars=8 teacher.lr=5e-4
+	'evaluate.data_sizes=[16,64,256]'
 study-tera: setup
 	$(BIN)/tera fit-teacher --make-dataset $(TERA_STUDY)
 	$(BIN)/tera distill $(TERA_STUDY)

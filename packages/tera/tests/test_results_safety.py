@@ -24,7 +24,7 @@ from tera.cli import main as tera_main
 from tera.config import load_config
 
 TOY = ["threads=1", "data.num=2", "data.views=3", "data.res=32", "data.image_size=32", "data.uv_res=64",
-       "data.eval_views=[1]", "body.num_points=800", "teacher.resolution=16", "teacher.steps=2",
+       "data.eval_views=[1]", "body.num_points=800", "teacher.resolution=16", "teacher.feature_levels=[]", "teacher.steps=2",
        "distill.latent_resolution=8", "distill.upsample_factor=2", "distill.train.max_steps=2",
        "distill.train.progress_bar=false", "diffusion.train.max_steps=3", "diffusion.train.progress_bar=false",
        "diffusion.batch_size=2", "generate.sampler=ddim", "generate.steps=2", "generate.render_size=32",

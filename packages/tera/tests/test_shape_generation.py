@@ -20,7 +20,7 @@ from tera.recolour import recolour
 from tera.shape_text import ShapeHead, fit_shape_head, gaussian_height, shape_table, shape_words
 
 TOY = ["threads=1", "data.num=2", "data.views=3", "data.res=32", "data.image_size=32", "data.uv_res=64",
-       "data.eval_views=[1]", "body.num_points=800", "teacher.resolution=16", "teacher.steps=2",
+       "data.eval_views=[1]", "body.num_points=800", "teacher.resolution=16", "teacher.feature_levels=[]", "teacher.steps=2",
        "distill.latent_resolution=8", "distill.upsample_factor=2", "distill.train.max_steps=2",
        "distill.train.progress_bar=false", "diffusion.train.max_steps=2", "diffusion.train.progress_bar=false",
        "diffusion.batch_size=2", "generate.sampler=ddim", "generate.steps=2", "generate.render_size=32",

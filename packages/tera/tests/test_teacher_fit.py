@@ -59,15 +59,17 @@ class _Interrupt(Exception):
     pass
 
 
-def test_joint_fit_resumes_to_the_uninterrupted_result(scene, tmp_path):
+@pytest.mark.parametrize("random_background", [False, True])
+def test_joint_fit_resumes_to_the_uninterrupted_result(scene, tmp_path, random_background):
     """Killed in its second epoch, a rerun continues from the saved first epoch and ends bit-for-bit where an
-    uninterrupted run ends; the state file is gone once every avatar is written."""
+    uninterrupted run ends (random backgrounds included); the state file is gone once every avatar is written."""
     avatar, views = scene
     ids = list(views)
-    whole = _fitter(avatar, tmp_path / "whole")
+    kw = {"random_background": random_background}
+    whole = _fitter(avatar, tmp_path / "whole", **kw)
     whole.fit_joint(ids, views.__getitem__, epochs=2, batch_avatars=2, refit_steps=2, progress=False)
 
-    broken = _fitter(avatar, tmp_path / "resumed")
+    broken = _fitter(avatar, tmp_path / "resumed", **kw)
     calls = {"n": 0}
     real = broken.batch_loss
 
@@ -83,7 +85,7 @@ def test_joint_fit_resumes_to_the_uninterrupted_result(scene, tmp_path):
     state = torch.load(tmp_path / "resumed" / FIT_STATE_FILE, weights_only=True)
     assert state["epoch"] == 1 and not TeacherFeatureStore(tmp_path / "resumed", C).ids()
 
-    resumed = _fitter(avatar, tmp_path / "resumed")
+    resumed = _fitter(avatar, tmp_path / "resumed", **kw)
     resumed.fit_joint(ids, views.__getitem__, epochs=2, batch_avatars=2, refit_steps=2, progress=False)
     a, b = TeacherFeatureStore(tmp_path / "whole", C), TeacherFeatureStore(tmp_path / "resumed", C)
     assert a.ids() == b.ids() == ids
@@ -93,6 +95,24 @@ def test_joint_fit_resumes_to_the_uninterrupted_result(scene, tmp_path):
         torch.testing.assert_close(load_tensors(tmp_path / "resumed" / DECODER_FILE)[0][key], value, atol=0, rtol=0)
     assert not (tmp_path / "resumed" / FIT_STATE_FILE).exists()
     assert resumed.fit_joint(ids, views.__getitem__, epochs=2, batch_avatars=2, refit_steps=2, progress=False) == {}
+
+
+def test_per_view_backgrounds_composite_like_one_fixed_background(scene, tmp_path):
+    """The random-background loss renders over black and puts each view's colour behind it; with every view's
+    colour set to the fitter's fixed background it is the fixed-background loss (premultiplied compositing), and
+    with other colours behind the views it differs (the colours reach both render and target)."""
+    avatar, views = scene
+    colour = (0.2, 0.5, 0.7)
+    fitter = _fitter(avatar, tmp_path, background=colour)
+    images = torch.stack([views[a][0][:2] for a in ("a0", "a1")])
+    cams = [views[a][1][[0, 1]] for a in ("a0", "a1")]
+    feats = 0.3 * torch.randn(2, C, R, R, generator=torch.Generator().manual_seed(1))
+    fixed, per_fixed = fitter.batch_loss(feats, images, cams, [None, None])
+    same, per_same = fitter.batch_loss(feats, images, cams, [None, None], torch.tensor(colour).expand(2, 2, 3))
+    torch.testing.assert_close(same, fixed, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(per_same, per_fixed, atol=1e-6, rtol=1e-5)
+    other, _ = fitter.batch_loss(feats, images, cams, [None, None], torch.rand(2, 2, 3))
+    assert abs(other.item() - fixed.item()) > 1e-4
 
 
 def test_saved_features_are_zero_outside_the_charts_and_nothing_reads_there(scene, tmp_path):
@@ -175,7 +195,8 @@ def test_consistency_measure_on_a_hand_built_case(scene, tmp_path):
         return images[k][idx], type(c)(c.viewmats[idx], c.Ks[idx], c.width, c.height)
 
     ds = SimpleNamespace(ids=["b0", "b1"], num_views=3, views=views_of, body_output=lambda k, body: None)
-    cfg = load_config(None, ["data.eval_views=[1]", "data.background=[1.0,1.0,1.0]", "teacher.mode=sequential"])
+    cfg = load_config(None, ["data.eval_views=[1]", "data.background=[1.0,1.0,1.0]", "teacher.mode=sequential",
+                             "data.lit_renders=false"])  # the hand-built views are unlit
     c = measure_consistency(cfg, ds, store, avatar, decoder, quantile=0.5)
     rows = c["per_avatar"]
     assert [r["id"] for r in rows] == ["b0", "b1"]
@@ -232,3 +253,54 @@ def test_coarse_feature_levels(scene, tmp_path):
     for a in ("a0", "a1"):
         f = TeacherFeatureStore(tmp_path, C).load(a)
         assert torch.count_nonzero(f[:, ~mask]) == 0 and torch.count_nonzero(f[:, mask]) > 0
+
+
+def test_lit_colours_in_closed_form():
+    """``lit`` multiplies each Gaussian's colour by its shade in each camera: 1 for a normal facing the camera's
+    light, the ambient term for one lit edge-on, unchanged everywhere when the light is all ambient."""
+    from avatar_core.cameras import look_at
+    from avatar_core.render.lighting import camera_lights
+    from tera.uv_gaussians import GaussianBatch, lit
+
+    view = look_at(torch.tensor([[0.0, 0.0, 3.0]]), torch.zeros(1, 3), torch.tensor([0.0, 1.0, 0.0]))
+    light = camera_lights(view)[0]
+    side = torch.linalg.cross(light, torch.tensor([0.0, 0.0, 1.0]))
+    normals = torch.stack([light, side / side.norm()])[None]  # [1, 2, 3]
+    colours = torch.tensor([[[0.8, 0.4, 0.2], [0.5, 0.5, 0.5]]])
+    g = GaussianBatch(torch.zeros(1, 2, 3), torch.tensor([1.0, 0, 0, 0]).expand(1, 2, 4), torch.ones(1, 2, 3),
+                      torch.ones(1, 2), colours, torch.zeros(1, 2, 3))
+    out = lit(g, normals, view, 0.4).colors  # [1, C=1, 2, 3]
+    torch.testing.assert_close(out[0, 0, 0], colours[0, 0])
+    torch.testing.assert_close(out[0, 0, 1], 0.4 * colours[0, 1])
+    torch.testing.assert_close(lit(g, normals, view, 1.0).colors[:, 0], colours)
+
+
+def test_lit_teacher_recovers_the_albedo_of_lit_views(scene, tmp_path):
+    """Views lit by the dataset's rig (ambient 0.4): a teacher that lights its renders the same way fits colours
+    whose brightness is the albedo's; one that renders unlit bakes the shading in and fits them darker."""
+    from tera.uv_gaussians import lit
+
+    avatar, _ = scene
+    mapper = avatar.uv_mapper
+    labels = mapper.part_label_map().clamp_min(0)
+    cams = orbit_cameras(4, radius=2.6, width=16, height=16)
+    normals = avatar.surface_normals(avatar.body.template_vertices[None])
+    views, albedo = {}, []
+    for k in range(3):
+        palette = 0.3 + 0.6 * torch.rand(8, 3, generator=torch.Generator().manual_seed(10 + k))
+        maps = attributes_from_texture(palette[labels])
+        with torch.no_grad():
+            rgb, alpha = avatar.render(lit(avatar(maps), normals, cams.viewmats, 0.4), cams)
+        views[f"a{k}"] = (torch.cat([rgb[0], alpha[0]], -1), cams)
+        albedo.append(avatar.sample(maps)[0, :, 3:6].mean())
+    errors = {}
+    for name, ambient in (("lit", 0.4), ("unlit", None)):
+        fitter = _fitter(avatar, tmp_path / name, ambient=ambient, random_background=True, lambda_tv=1.0)
+        fitter.fit_joint(list(views), views.__getitem__, epochs=40, batch_avatars=3, refit_steps=20, progress=False)
+        fitter.decoder.eval()
+        with torch.no_grad():
+            fitted = [avatar.sample(fitter.decoder(TeacherFeatureStore(tmp_path / name, C).load(a)[None]))[0, :, 3:6]
+                      .mean() for a in views]
+        errors[name] = float(torch.stack([f - t for f, t in zip(fitted, albedo)]).mean())
+    assert errors["unlit"] < -0.05  # shading baked in: darker than the albedo
+    assert abs(errors["lit"]) < 0.5 * abs(errors["unlit"])

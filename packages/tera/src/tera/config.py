@@ -61,6 +61,11 @@ class DataConfig:
     image_size: int = 64
     """Views are resized to this size for fitting and distillation (paper: IDOL 640x896)."""
     background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    lit_renders: bool = False
+    """Light the Gaussians' colours (then an albedo) with the dataset's recorded light rig (its meta.json's
+    "lighting", avatar_core.render.lighting) wherever renders are compared with its views: the teacher fit, its
+    consistency, stage 1 and its PSNR. False: unlit colours are fitted to the lit views (IDOL on its data), so
+    the views' shading is baked into the colours, darkening them by the mean shade. Generated avatars render unlit."""
     """Colour behind the avatar in renders and RGBA targets."""
     eval_views: list[int] = field(default_factory=lambda: [1])
     """Views held out of fitting and distillation, for the reconstruction PSNR."""
@@ -113,6 +118,10 @@ class TeacherConfig:
     feature_levels: list[int] = field(default_factory=list)
     """Joint fit: resolutions of the free feature parameters, upsampled to `resolution` and summed before the tanh
     (coarse levels move whole regions from the few pixels of a view); empty: one parameter per texel."""
+    random_background: bool = False
+    """Joint fit: composite every view over its own random colour (render and target alike) instead of
+    `data.background`, so Gaussians spilling past the silhouette cannot lower the loss by taking the background's
+    colour (IDOL renders over one colour)."""
     steps: int = 40
     """Sequential fit: iterations per avatar."""
     lr: float = 5.0e-4

@@ -18,7 +18,7 @@ __all__ = ["DEMO_OVERRIDES", "PROMPTS", "SMALLEST_OVERRIDES", "run"]
 #: One torch thread: on a 2-core machine shared with anything else, two threads per op thrash (30x slower).
 DEMO_OVERRIDES = (
     "threads=1", "data.num=6", "data.views=4", "data.res=48", "data.image_size=48", "data.uv_res=64",
-    "body.num_points=2500", "teacher.resolution=32", "teacher.steps=25", "teacher.views_per_step=2",
+    "body.num_points=2500", "teacher.resolution=32", "teacher.feature_levels=[8,16,32]", "teacher.steps=25", "teacher.views_per_step=2",
     "distill.latent_resolution=16", "distill.upsample_factor=2", "distill.train.max_steps=60",
     "diffusion.train.max_steps=150", "diffusion.batch_size=6", "generate.turntable_frames=16",
     "generate.render_size=192", "animate.frames=12", "animate.render_size=192", "diffusion.train.progress_bar=false",
@@ -27,7 +27,8 @@ DEMO_OVERRIDES = (
 #: ``smallest``: every step runs once or twice, on two avatars, in a few seconds (a smoke test of the part).
 SMALLEST_OVERRIDES = (
     "data.num=2", "data.views=3", "data.res=32", "data.image_size=32", "data.eval_views=[1]", "body.num_points=800",
-    "teacher.resolution=16", "teacher.steps=2", "distill.latent_resolution=8", "distill.train.max_steps=2",
+    "teacher.resolution=16", "teacher.feature_levels=[]", "teacher.steps=2", "distill.latent_resolution=8",
+    "distill.train.max_steps=2",
     "diffusion.train.max_steps=2", "diffusion.batch_size=2", "generate.sampler=ddim", "generate.steps=2",
     "generate.render_size=32", "generate.turntable_frames=2", "animate.frames=2", "animate.render_size=32",
 )

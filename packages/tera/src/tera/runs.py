@@ -32,10 +32,10 @@ from tera import animate as anim
 from tera.config import TeraConfig
 from tera.data import TeraDataset, ensure_dataset
 from tera.distill import PerceptualLoss
-from tera.uv_gaussians import GaussianBatch, UVDecoder, UVGaussianAvatar
+from tera.uv_gaussians import GaussianBatch, UVDecoder, UVGaussianAvatar, lit
 
-__all__ = ["RunPaths", "build_avatar", "load_dataset", "perceptual", "posed_render", "run_paths", "stage_signature",
-           "train_device", "uv_decoder"]
+__all__ = ["RunPaths", "build_avatar", "dataset_ambient", "load_dataset", "perceptual", "posed_render", "run_paths",
+           "stage_signature", "train_device", "uv_decoder"]
 
 #: Settings read only after training (where the run lives, sampling, editing, animation, evaluation): a stage
 #: may resume under other values of these; every other setting is part of the stage's resume signature.
@@ -129,12 +129,26 @@ def load_dataset(cfg: TeraConfig, create: bool = False) -> TeraDataset:
 
 
 def posed_render(avatar: UVGaussianAvatar, gaussians: GaussianBatch, body: BodyOutput | None, cameras: Cameras,
-                 background) -> Tensor:  # [1, V, H, W, 3]
-    """Canonical Gaussians skinned onto a posed body (if given) and rendered in ``cameras``."""
+                 background, ambient: float | None = None) -> Tensor:  # [1, V, H, W, 3]
+    """Canonical Gaussians skinned onto a posed body (if given) and rendered in ``cameras``; with ``ambient``
+    their colours are lit by the dataset's light rig on that body's normals (:func:`tera.uv_gaussians.lit`)."""
+    vertices = avatar.body.template_vertices[None] if body is None else body.vertices
     if body is not None:
         gaussians = anim.pose_gaussians(avatar, gaussians, body)
+    if ambient is not None:
+        gaussians = lit(gaussians, avatar.surface_normals(vertices.to(gaussians.means)), cameras.viewmats, ambient)
     rgb, _ = avatar.render(gaussians, cameras, background)
     return rgb
+
+
+def dataset_ambient(cfg: TeraConfig, ds: TeraDataset) -> float | None:
+    """The ambient term of the dataset's recorded lighting when ``data.lit_renders`` (renders compared with its
+    views are lit as the views were), else None (unlit renders)."""
+    if not cfg.data.lit_renders:
+        return None
+    from avatar_core.render.lighting import lighting_ambient
+
+    return lighting_ambient(ds.base.meta, str(ds.root))
 
 
 def perceptual(cfg: TeraConfig) -> PerceptualLoss:

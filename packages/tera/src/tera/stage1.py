@@ -24,6 +24,7 @@ from tera.data import TeraDataset, training_views
 from tera.distill import DistillationDecoder, render_loss
 from tera.runs import (
     build_avatar,
+    dataset_ambient,
     load_dataset,
     perceptual,
     posed_render,
@@ -81,6 +82,7 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
         decoder.load_teacher_head(head)
     loss_net = perceptual(cfg).to(device)
     bg = tuple(cfg.data.background)
+    ambient = dataset_ambient(cfg, ds)
     train_v = training_views(ds.num_views, list(cfg.data.eval_views))
     seed = cfg.seed
 
@@ -99,7 +101,7 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
             images, cams = ds.views(i, views)
             maps = model(latents.get(ds.ids[i])[None].to(device))
             g = avatar(maps)
-            pred = posed_render(avatar, g, ds.body_output(i, avatar.body), cams.to(device), bg)
+            pred = posed_render(avatar, g, ds.body_output(i, avatar.body), cams.to(device), bg, ambient)
             target = composite(images.to(device), bg)[None]
             loss, p = render_loss(pred, target, g.offsets, loss_net, 1.0, d.lambda_vgg, d.lambda_offset, sum_views=True)
             total = total + loss / len(batch["index"])
@@ -137,6 +139,7 @@ def reconstruction_psnr(cfg: TeraConfig, decoder: DistillationDecoder, latents: 
                         avatar: UVGaussianAvatar) -> dict[str, float]:
     """PSNR of decoded, posed renders against the dataset's views (held-out and training views), avatar by avatar."""
     bg = tuple(cfg.data.background)
+    ambient = dataset_ambient(cfg, ds)
     device = next(decoder.parameters()).device
     held = list(cfg.data.eval_views)
     train_v = training_views(ds.num_views, held)
@@ -150,7 +153,7 @@ def reconstruction_psnr(cfg: TeraConfig, decoder: DistillationDecoder, latents: 
             if not views:
                 continue
             images, cams = ds.views(i, views)
-            pred = posed_render(avatar, g, ds.body_output(i, avatar.body), cams.to(device), bg)
+            pred = posed_render(avatar, g, ds.body_output(i, avatar.body), cams.to(device), bg, ambient)
             res[key].append(float(psnr(pred[0].cpu(), composite(images, bg)).mean()))
     return {k: float(np.mean(v)) for k, v in res.items() if v}
 

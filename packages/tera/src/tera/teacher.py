@@ -39,6 +39,7 @@ from tera.config import TeraConfig
 from tera.data import TeraDataset, training_views
 from tera.runs import (
     build_avatar,
+    dataset_ambient,
     load_dataset,
     perceptual,
     posed_render,
@@ -130,7 +131,8 @@ def _fit(cfg: TeraConfig, store: TeacherFeatureStore, ds: TeraDataset, progress:
         lambda_mse=t.lambda_mse, lambda_lpips=t.lambda_lpips, lambda_offset=t.lambda_offset,
         perceptual=perceptual(cfg), views_per_step=t.views_per_step, grad_clip=t.grad_clip,
         background=tuple(cfg.data.background), seed=cfg.seed, init_scale=t.init_scale, lambda_l2=t.lambda_l2,
-        lambda_tv=t.lambda_tv, levels=list(t.feature_levels) or None)
+        lambda_tv=t.lambda_tv, levels=list(t.feature_levels) or None,
+        random_background=t.random_background, ambient=dataset_ambient(cfg, ds))
     train_v = training_views(ds.num_views, list(cfg.data.eval_views))
     index = {a: i for i, a in enumerate(ds.ids)}
 
@@ -181,6 +183,7 @@ def measure_consistency(cfg: TeraConfig, ds: TeraDataset, store: TeacherFeatureS
     train_v = training_views(ds.num_views, list(cfg.data.eval_views))
     held = [v for v in cfg.data.eval_views if 0 <= v < ds.num_views]
     bg = tuple(cfg.data.background)
+    ambient = dataset_ambient(cfg, ds)
     was_training = decoder.training
     decoder.eval()
     rows = []
@@ -194,7 +197,7 @@ def measure_consistency(cfg: TeraConfig, ds: TeraDataset, store: TeacherFeatureS
             for name, which in (("psnr", train_v), ("psnr_heldout", held)):
                 if which:
                     images, cams = ds.views(k, which)
-                    pred = posed_render(avatar, g, body, cams.to(device), bg)[0]
+                    pred = posed_render(avatar, g, body, cams.to(device), bg, ambient)[0]
                     row[name] = float(psnr(pred.clamp(0, 1), composite(images.to(pred), bg)).mean())
             rows.append(row)
     decoder.train(was_training)

@@ -32,7 +32,7 @@ from tera.teacher_store import (
     TeacherFeatureStore,
     ViewsFn,
 )
-from tera.uv_gaussians import GaussianBatch, UVDecoder, UVGaussianAvatar, composite, resize_mask
+from tera.uv_gaussians import GaussianBatch, UVDecoder, UVGaussianAvatar, composite, lit, resize_mask
 
 
 def feature_mask(avatar: UVGaussianAvatar, resolution: int) -> Tensor:  # -> [R, R] bool
@@ -79,6 +79,7 @@ class PosedSurface:
             self.surface = avatar.surface_points(body.vertices)[0]  # [N, 3]
             self.linear = blend_transforms(avatar.skin_weights, body.transforms)[0, ..., :3]  # [N, 3, 3]
             self.rotation = matrix_to_quaternion(nearest_rotation(self.linear))  # [N, 4] wxyz
+            self.normals = avatar.surface_normals(body.vertices)[0]  # [N, 3], for lit renders
 
     def pose(self, g: GaussianBatch) -> GaussianBatch:  # one canonical avatar [1, N] -> posed [1, N]
         dt = g.means.dtype
@@ -159,6 +160,12 @@ class TeacherFitter:
             ``feature_resolution`` and summed before the tanh (None: one level, per texel). Coarse levels share
             one parameter between neighbouring texels, so the few pixels of a low-resolution view move whole
             regions of the map instead of leaving per-texel noise that the renders cannot see.
+        random_background: in the joint fit and its refit, every view is composited over its own random colour
+            (the render and its RGBA target alike). Over one fixed colour, a Gaussian that spills past the
+            silhouette lowers its loss by taking the background's colour, which leaves background-coloured
+            speckles along every silhouette of the texture; over a colour that changes, only the coverage can.
+        ambient: light every render with the dataset's light rig of this ambient term (``data.lit_renders``;
+            :func:`tera.uv_gaussians.lit`), so the fitted colours are an albedo; None renders unlit.
     """
 
     def __init__(
@@ -181,6 +188,8 @@ class TeacherFitter:
         lambda_l2: float = 0.0,
         lambda_tv: float = 0.0,
         levels: Sequence[int] | None = None,
+        random_background: bool = False,
+        ambient: float | None = None,
     ):
         self.avatar = avatar
         self.store = store
@@ -196,6 +205,10 @@ class TeacherFitter:
         self.seed = seed
         self.init_scale = float(init_scale)
         self.lambda_l2, self.lambda_tv = float(lambda_l2), float(lambda_tv)
+        self.random_background = bool(random_background)
+        self.ambient = None if ambient is None else float(ambient)
+        with torch.no_grad():  # the canonical body's normals, for views of unposed avatars
+            self._rest_normals = avatar.surface_normals(avatar.body.template_vertices[None].to(device))[0]
         self.mask = feature_mask(avatar, feature_resolution)
         self.levels = sorted({int(r) for r in (levels or [feature_resolution])})
         if not all(0 < r <= feature_resolution for r in self.levels):
@@ -217,19 +230,32 @@ class TeacherFitter:
         Gaussians skinned onto ``body`` (the posed body the views show; None: canonical)."""
         maps = self.decoder(features[None])
         g = self.avatar(maps)
-        pred = posed_render(self.avatar, g, body, cameras, self.background)
+        pred = posed_render(self.avatar, g, body, cameras, self.background, self.ambient)
         target = composite(images, self.background).to(pred)[None]
         return render_loss(pred, target, g.offsets, self.perceptual, *self.lambdas, sum_views=False)
 
     def batch_loss(self, features: Tensor, images: Tensor, cameras: Sequence[Cameras],
-                   posed: Sequence[PosedSurface | None]) -> tuple[Tensor, Tensor]:
+                   posed: Sequence[PosedSurface | None], backgrounds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Render loss + prior of B avatars' features ``[B, C, R, R]`` against their views ``[B, V, H, W, 4]``:
-        ``(mean over the batch, per-avatar render loss [B] detached)``."""
+        ``(mean over the batch, per-avatar render loss [B] detached)``. ``backgrounds`` ``[B, V, 3]``: one colour
+        behind each view, for the render and its RGBA target alike (None: the fitter's background)."""
         g = self.avatar(self.decoder(features))
         parts = [p.pose(g[b]) if p is not None else g[b] for b, p in enumerate(posed)]
         g = GaussianBatch(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(GaussianBatch)))
-        pred, _ = self.avatar.render(g, list(cameras), self.background)
-        target = composite(images, self.background).to(pred)
+        if self.ambient is not None:  # each avatar lit on its own body, in each of its views: colours [B, V, N, 3]
+            colors = torch.stack([
+                lit(g[b], (p.normals if p is not None else self._rest_normals)[None], cam.viewmats, self.ambient).colors[0]
+                for b, (p, cam) in enumerate(zip(posed, cameras))])
+            g = GaussianBatch(g.means, g.quats, g.scales, g.opacities, colors, g.offsets)
+        if backgrounds is None:
+            pred, _ = self.avatar.render(g, list(cameras), self.background)
+            target = composite(images, self.background).to(pred)
+        else:  # premultiplied render over black, then each view's own colour behind it
+            rgb, alpha = self.avatar.render(g, list(cameras), (0.0, 0.0, 0.0))
+            bg = backgrounds.to(rgb)[:, :, None, None, :]  # [B, V, 1, 1, 3]
+            pred = rgb + (1.0 - alpha) * bg
+            a = images[..., 3:].to(rgb) if images.shape[-1] == 4 else torch.ones_like(alpha)
+            target = images[..., :3].to(rgb) * a + bg * (1.0 - a)
         lm, lp, lo = self.lambdas
         mse = ((pred - target) ** 2).mean((-3, -2, -1))  # [B, V]
         perc = self.perceptual(pred, target) if lp > 0 else torch.zeros_like(mse)
@@ -321,6 +347,16 @@ class TeacherFitter:
         parts = [self._batch_views([int(k)], views, gens[int(k)]) for k in rows]
         return torch.cat([b[0] for b in parts]), [b[1][0] for b in parts], [b[2][0] for b in parts]
 
+    def _backgrounds(self, images: Tensor, gens: Sequence[torch.Generator]) -> Tensor | None:
+        """Random colours ``[B, V, 3]`` behind a batch's views ``[B, V, H, W, 4]`` (``random_background``; one
+        generator for the batch, or one per avatar), else None (the fixed background)."""
+        if not self.random_background:
+            return None
+        B, V = images.shape[:2]
+        if len(gens) == 1:
+            return torch.rand(B, V, 3, generator=gens[0])
+        return torch.stack([torch.rand(V, 3, generator=gen) for gen in gens])
+
     def _step(self, params: list[Tensor], adams: list[_RowAdam], rows: Tensor, leaves: list[Tensor]) -> None:
         for p, adam, leaf in zip(params, adams, leaves):  # per-avatar gradients (the loss is a batch mean)
             adam.step(p, rows, _clip_rows(leaf.grad * len(rows), self.grad_clip))
@@ -400,7 +436,8 @@ class TeacherFitter:
                     rows = order[-2:]
                 leaves = [p[rows].clone().requires_grad_(True) for p in params]
                 images, cams, posed = self._batch_views(rows.tolist(), views, g)
-                loss, per = self.batch_loss(self._features(leaves), images, cams, posed)
+                loss, per = self.batch_loss(self._features(leaves), images, cams, posed,
+                                            self._backgrounds(images, [g]))
                 self._decoder_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(dec_params, self.grad_clip)
@@ -436,7 +473,9 @@ class TeacherFitter:
 
                 for _ in range(steps):
                     leaves = [p[rows].clone().requires_grad_(True) for p in params]
-                    loss, per = self.batch_loss(self._features(leaves), *self._own_views(rows, views, gens))
+                    images, cams, posed = self._own_views(rows, views, gens)
+                    loss, per = self.batch_loss(self._features(leaves), images, cams, posed,
+                                                self._backgrounds(images, [gens[int(k)] for k in rows]))
                     loss.backward()
                     self._step(params, adams, rows, leaves)
                 with torch.no_grad():

@@ -66,7 +66,7 @@ class GaussianBatch:
     quats: Tensor  # [B, N, 4] wxyz
     scales: Tensor  # [B, N, 3]
     opacities: Tensor  # [B, N]
-    colors: Tensor  # [B, N, 3] RGB in [0, 1]
+    colors: Tensor  # [B, N, 3] RGB in [0, 1] ([B, C, N, 3]: per camera, see :func:`lit`)
     offsets: Tensor  # [B, N, 3] canonical-frame offsets from the surface (for the offset regulariser)
 
     def __len__(self) -> int:
@@ -302,6 +302,11 @@ class UVGaussianAvatar(nn.Module):
         """The UV points on (posed or reshaped) meshes: barycentric re-evaluation, exactly on the surface."""
         return self.body.points_on_surface(vertices, self.face_idx, self.bary)
 
+    def surface_normals(self, vertices: Tensor) -> Tensor:  # [B, V, 3] -> [B, N, 3]
+        """Unit normals of (posed or reshaped) meshes at the UV points: vertex normals, barycentrically blended."""
+        normals = self.body.vertex_normals(vertices)
+        return F.normalize(self.body.points_on_surface(normals, self.face_idx, self.bary), dim=-1)
+
     def rest_points(self, shape: Tensor | None = None) -> Tensor:  # -> [B, N, 3]
         """The UV points on the canonical (unposed) body of the given shape parameters (None: the template)."""
         if shape is None:
@@ -392,6 +397,20 @@ class UVGaussianAvatar(nn.Module):
         return rgb, alpha, g
 
 
+def lit(gaussians: GaussianBatch, normals: Tensor, viewmats: Tensor, ambient: float) -> GaussianBatch:
+    """Gaussians whose colours (an albedo) are lit in each of C cameras by the dataset's light rig
+    (:func:`avatar_core.render.lighting.lambert_shading` of the surface ``normals`` ``[B, N, 3]`` under them):
+    colours ``[B, C, N, 3]``, which :meth:`UVGaussianAvatar.render` rasterises camera by camera."""
+    from avatar_core.render.lighting import lambert_shading
+
+    if gaussians.colors.dim() != 3:
+        raise InputError(f"expected unlit colours [B, N, 3], got {tuple(gaussians.colors.shape)}",
+                         "light the Gaussians once, right before rendering")
+    shade = lambert_shading(normals.to(gaussians.colors), viewmats, ambient)  # [B, C, N]
+    return GaussianBatch(gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities,
+                         gaussians.colors[:, None] * shade[..., None], gaussians.offsets)
+
+
 def composite(images: Tensor, background: Sequence[float] | Tensor = (1.0, 1.0, 1.0)) -> Tensor:
     """RGBA ``[..., H, W, 4]`` over a constant background -> RGB ``[..., H, W, 3]`` (targets for render losses)."""
     if images.shape[-1] == 3:
@@ -423,6 +442,7 @@ __all__ = [
     "composite",
     "default_attributes",
     "knn_distance",
+    "lit",
     "matrix_to_quaternion",
     "quaternion_multiply",
     "quaternion_to_axis_angle",
