@@ -61,10 +61,11 @@ train-tera: setup
 	$(BIN)/tera generate --config $(CONFIG) "a woman in a red dress"
 
 # TeRA's data-scaling study of text faithfulness (packages/tera/README.md, "The data-scaling study"): 320 synthetic
-# avatars, teacher and stage-1 decoder on the first 256, stage 2 at 16 / 64 / 256 avatars with steps scaled to the
-# data, scored on the captions of the last 64 (about 50 minutes on 2 cores; resumes where it stopped).
+# avatars, teacher and stage-1 decoder on the first 256 (stage 1's 150 steps scaled to 2400 for 256 avatars), stage 2
+# at 16 / 64 / 256 avatars with steps scaled to the data, scored on the captions of the last 64 (about 35 minutes on
+# 2 cores; resumes where it stopped).
 TERA_STUDY = run_dir=outputs/tera/study data.root=outputs/tera/study-dataset data.num=320 data.max_avatars=256 \
-	'evaluate.data_sizes=[16,64,256]'
+	'evaluate.data_sizes=[16,64,256]' distill.train.max_steps=2400
 study-tera: setup
 	$(BIN)/tera fit-teacher --make-dataset $(TERA_STUDY)
 	$(BIN)/tera distill $(TERA_STUDY)

@@ -156,3 +156,32 @@ def test_distillation_reduces_loss(scene):
     with torch.no_grad():
         maps, g = distiller.decode(latent)
     assert maps.shape == (1, 13, 16, 16) and g.means.shape == (1, avatar.num_points, 3)
+
+
+def test_teacher_map_term_is_zero_on_the_teachers_own_maps_and_needs_its_decoder(tmp_path):
+    """``distill.lambda_teacher_maps``' term: 0 for maps equal to the fitted teacher's decoder on the stored
+    features, positive and differentiable for other maps; without the teacher's decoder a clear error."""
+    from avatar_core.errors import ConfigError
+    from tera.config import load_config
+    from tera.runs import build_avatar, run_paths, uv_decoder
+    from tera.stage1 import _teacher_maps
+    from tera.teacher import DECODER_FILE
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "body.num_points=400", "teacher.resolution=16",
+                             "distill.lambda_teacher_maps=1.0"])
+    avatar = build_avatar(cfg, "cpu")
+    with pytest.raises(ConfigError, match="needs the fitted teacher's decoder"):
+        _teacher_maps(cfg, avatar, 16, torch.device("cpu"))
+    torch.manual_seed(0)
+    head = uv_decoder(cfg).eval()
+    save_tensors(run_paths(cfg).teacher / DECODER_FILE, head.state_dict())
+    feats = torch.rand(cfg.teacher.channels, 16, 16)
+    TeacherFeatureStore(run_paths(cfg).teacher, cfg.teacher.channels).save("a0", feats, dtype=torch.float32)
+    term = _teacher_maps(cfg, avatar, 16, torch.device("cpu"))
+    with torch.no_grad():
+        own = head(feats[None])
+    assert float(term("a0", own)) < 1e-10
+    other = (own + 0.1).requires_grad_(True)
+    value = term("a0", other)
+    value.backward()
+    assert value.item() > 1e-3 and other.grad.abs().sum() > 0

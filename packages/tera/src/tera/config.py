@@ -166,6 +166,10 @@ class DistillConfig:
     """Views rendered per avatar and step."""
     init_from_teacher: bool = True
     """Start the two branches from the fitted teacher's UV decoder when widths match."""
+    lambda_teacher_maps: float = 0.0
+    """Weight of a mean squared error, inside the UV charts, between the decoder's attribute maps and the fitted
+    teacher's decoder on the avatar's full-resolution features (area-resized to the output). 0: the paper's Eq. 1
+    (renders only). Needs the fitted teacher's decoder (teacher.source=fit)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         output_dir="", max_steps=150, checkpoint_every=50, log_every=10, max_grad_norm=10.0))
     """The shared training loop's settings; output_dir empty: <run_dir>/distill."""

@@ -80,6 +80,7 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
         head = uv_decoder(cfg)
         head.load_state_dict(load_tensors(teacher_file)[0])
         decoder.load_teacher_head(head)
+    teacher_maps = _teacher_maps(cfg, avatar, r * d.upsample_factor, device) if d.lambda_teacher_maps > 0 else None
     loss_net = perceptual(cfg).to(device)
     bg = tuple(cfg.data.background)
     ambient = dataset_ambient(cfg, ds)
@@ -104,6 +105,10 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
             pred = posed_render(avatar, g, ds.body_output(i, avatar.body), cams.to(device), bg, ambient)
             target = composite(images.to(device), bg)[None]
             loss, p = render_loss(pred, target, g.offsets, loss_net, 1.0, d.lambda_vgg, d.lambda_offset, sum_views=True)
+            if teacher_maps is not None:
+                p["teacher_maps"] = teacher_maps(ds.ids[i], maps)
+                loss = loss + d.lambda_teacher_maps * p["teacher_maps"]
+                p["teacher_maps"] = p["teacher_maps"].detach()
             total = total + loss / len(batch["index"])
             parts.append(p)
         return total, {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
@@ -132,6 +137,34 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
                   **recon, "seconds": time.perf_counter() - start}
         save_json(out / "summary.json", result)
     return result
+
+
+def _teacher_maps(cfg: TeraConfig, avatar: UVGaussianAvatar, resolution: int, device: torch.device):
+    """``distill.lambda_teacher_maps``' term: ``f(avatar_id, maps [1, 13, R, R]) -> scalar``, the mean squared
+    difference inside the UV charts (:func:`tera.teacher_fit.feature_mask`) from the fitted teacher's decoder on the
+    avatar's stored full-resolution features, area-resized to the output's ``resolution``."""
+    from tera.teacher_fit import feature_mask
+    from tera.teacher_store import TeacherFeatureStore
+
+    path = run_paths(cfg).teacher / DECODER_FILE
+    if cfg.teacher.source != "fit" or not path.is_file():
+        raise ConfigError(f"distill.lambda_teacher_maps={cfg.distill.lambda_teacher_maps} needs the fitted teacher's "
+                          f"decoder at {path} (teacher.source={cfg.teacher.source!r})",
+                          "run `tera fit-teacher` with teacher.source=fit, or set distill.lambda_teacher_maps=0")
+    head = uv_decoder(cfg).to(device)
+    head.load_state_dict(load_tensors(path, device=device)[0])
+    head.eval().requires_grad_(False)
+    store = TeacherFeatureStore(run_paths(cfg).teacher, cfg.teacher.channels)
+    mask = feature_mask(avatar, resolution).to(device).float()
+
+    def term(avatar_id: str, maps: Tensor) -> Tensor:
+        with torch.no_grad():
+            target = head(store.load(avatar_id)[None].to(device))
+            if target.shape[-1] != resolution:
+                target = torch.nn.functional.interpolate(target, size=(resolution, resolution), mode="area")
+        return (((maps - target) ** 2) * mask).sum() / (mask.sum() * maps.shape[1] * maps.shape[0])
+
+    return term
 
 
 @torch.no_grad()
