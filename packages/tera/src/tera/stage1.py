@@ -80,8 +80,8 @@ def distill(cfg: TeraConfig, progress: bool = True, latent_resolution: int | Non
         head = uv_decoder(cfg)
         head.load_state_dict(load_tensors(teacher_file)[0])
         decoder.load_teacher_head(head)
-    teacher_maps = _teacher_maps(cfg, avatar, r * d.upsample_factor, device) if d.lambda_teacher_maps > 0 else None
     loss_net = perceptual(cfg).to(device)
+    teacher_maps = _teacher_maps(cfg, avatar, r * d.upsample_factor, device) if d.lambda_teacher_maps > 0 else None
     bg = tuple(cfg.data.background)
     ambient = dataset_ambient(cfg, ds)
     train_v = training_views(ds.num_views, list(cfg.data.eval_views))
