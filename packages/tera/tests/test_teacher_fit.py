@@ -304,3 +304,25 @@ def test_lit_teacher_recovers_the_albedo_of_lit_views(scene, tmp_path):
         errors[name] = float(torch.stack([f - t for f, t in zip(fitted, albedo)]).mean())
     assert errors["unlit"] < -0.05  # shading baked in: darker than the albedo
     assert abs(errors["lit"]) < 0.5 * abs(errors["unlit"])
+
+
+def test_fit_teacher_refuses_a_dataset_without_recorded_lighting_before_writing(tmp_path):
+    """With data.lit_renders, a dataset whose meta.json records no lighting is refused with a ConfigError before
+    the teacher folder gets its settings file (so a rerun with data.lit_renders=false is not blocked)."""
+    import json
+
+    from avatar_core.data.generate import generate_dataset
+    from avatar_core.errors import ConfigError
+    from tera.runs import run_paths
+    from tera.teacher import fit_teacher
+
+    root = generate_dataset(tmp_path / "ds", num=1, views=3, res=32, seed=0, uv_res=64, progress=False)
+    meta = json.loads((root / "meta.json").read_text())
+    del meta["lighting"]
+    (root / "meta.json").write_text(json.dumps(meta))
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.root={root}", "data.num=1", "data.views=3",
+                             "data.res=32", "data.image_size=32", "data.uv_res=64", "data.eval_views=[1]",
+                             "data.lit_renders=true", "body.num_points=400"])
+    with pytest.raises(ConfigError, match="records no"):
+        fit_teacher(cfg, progress=False)
+    assert not run_paths(cfg).teacher.exists() or not any(run_paths(cfg).teacher.iterdir())

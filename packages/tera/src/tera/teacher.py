@@ -101,6 +101,8 @@ def fit_teacher(cfg: TeraConfig, progress: bool = True, create_dataset: bool = F
     store = TeacherFeatureStore(run_paths(cfg).teacher, t.channels)
     device = train_device(cfg)
     ds = load_dataset(cfg, create=create_dataset)
+    if t.source == "fit":
+        dataset_ambient(cfg, ds)  # a dataset without recorded lighting is refused before the store is written
     if t.source == "idol":
         missing = [a for a in ds.ids if not store.exists(a)]
         if missing:
